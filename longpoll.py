@@ -1,0 +1,679 @@
+#!/usr/bin/env python3
+"""longpoll: server push over plain HTTP long polling, with green threads.
+
+A browser asks a stream for what is newer than its cursor. If nothing is, the
+request simply waits -- an eventlet Event inside an ordinary Bottle handler --
+until something is published. Two streams share that one mechanism: the chat
+room and the feed stream, which green threads fill from Atom/RSS feeds.
+
+How a posted message reaches a waiting browser: post_message() validates it and
+calls Stream.publish(), which wakes every request parked in Stream.wait(), and
+updates() sends each its JSON.
+
+The file reads top to bottom: configuration, the stream, the chat routes, the
+feed poller, status and pages, main().
+"""
+
+# eventlet says on import that it is in bugfix-only maintenance; the README
+# says so too, so a normal start stays quiet.
+import warnings
+warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
+
+import eventlet
+# Before bottle is imported: bottle keeps each request in a threading.local,
+# which is per green thread only once patched -- else a woken poll would read
+# whichever request arrived last.
+eventlet.monkey_patch()
+
+import argparse
+import calendar
+import collections
+import email.utils
+import html.parser
+import itertools
+import json
+import os
+import re
+import resource
+import signal
+import sys
+import time
+import unicodedata
+import urllib.error
+import urllib.parse
+import urllib.request
+import xml.etree.ElementTree
+import zlib
+from pathlib import Path
+
+import bottle
+import eventlet.hubs
+import eventlet.tpool
+import eventlet.wsgi
+import feedparser
+
+HERE = Path(__file__).resolve().parent
+
+# -- Configuration ------------------------------------------------------------
+
+DEFAULT_FEEDS = [
+    "https://news.ycombinator.com/rss",
+    "https://feeds.bbci.co.uk/news/world/rss.xml",
+    "https://blog.python.org/feeds/posts/default",
+    "https://github.blog/feed/",
+]
+MAX_BODY_BYTES = 64 * 1024      # a POST larger than this is refused with 413
+MAX_MESSAGE_CHARS = 2000
+MAX_NICK_CHARS = 32
+MAX_CLIENT_ID_CHARS = 64
+MAX_FEED_BYTES = 5 * 1024 * 1024  # per fetch, after decompression
+FIRST_FETCH_ENTRIES = 5         # a feed's first fetch publishes only its newest few
+MAX_NEW_PER_FETCH = 30          # a feed that renews every id at once is a bounded burst
+SEEN_PER_FEED = 1000            # dedupe memory per feed, beyond the current fetch
+SUMMARY_CHARS = 400
+FETCH_CONCURRENCY = 20          # fetches in flight at once, whatever the number of feeds
+MAX_BACKOFF = 3600              # seconds between tries of a failing feed, at most
+FD_RESERVE = 64 + 2 * FETCH_CONCURRENCY  # descriptors kept free of client connections
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="longpoll.py",
+        description="A chat room and a live feed stream delivered by HTTP long polling.")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: %(default)s; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8080,
+                   help="port to listen on (default: %(default)s; 0 picks a free one)")
+    p.add_argument("--poll-timeout", type=positive, default=25.0, metavar="SECONDS",
+                   help="how long a poll waits for news before answering empty (default: %(default)s)")
+    p.add_argument("--history", type=count, default=200, metavar="N",
+                   help="items kept per stream for clients that catch up (default: %(default)s)")
+    p.add_argument("--post-rate", type=positive, default=1.0, metavar="PER_SECOND",
+                   help="chat messages per second one client address may post over time (default: %(default)s)")
+    p.add_argument("--post-burst", type=count, default=10, metavar="N",
+                   help="messages one client address may post at once before --post-rate applies (default: %(default)s)")
+    p.add_argument("--trusted-proxy", action="append", default=[], metavar="ADDRESS",
+                   help="a reverse proxy whose X-Forwarded-For names the client (repeatable)")
+    p.add_argument("--feed", action="append", default=[], metavar="URL", type=http_url,
+                   help="an Atom or RSS feed to poll (repeatable)")
+    p.add_argument("--feeds", metavar="FILE",
+                   help="a file of feed URLs, one per line with # comments, or an OPML export")
+    p.add_argument("--feed-interval", type=at_least_one, default=300.0, metavar="SECONDS",
+                   help="time between checks of each feed (default: %(default)s; at least 1)")
+    p.add_argument("--fetch-timeout", type=positive, default=20.0, metavar="SECONDS",
+                   help="longest one feed fetch may take, start to end (default: %(default)s)")
+    p.add_argument("--access-log", action="store_true",
+                   help="log every request to stderr (costly with thousands of clients)")
+    args = p.parse_args(argv)
+    if args.feeds:
+        try:
+            args.feed += read_feed_list(Path(args.feeds).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, xml.etree.ElementTree.ParseError) as e:
+            p.error(f"--feeds {args.feeds}: {e}")
+    elif not args.feed:
+        args.feed = list(DEFAULT_FEEDS)
+    return args
+
+
+def positive(text):
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, not {text}")
+    return value
+
+
+def at_least_one(text):
+    value = float(text)
+    if not value >= 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {text}")
+    return value
+
+
+def count(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {text}")
+    return value
+
+
+def http_url(text):
+    if urllib.parse.urlsplit(text).scheme not in ("http", "https"):
+        raise argparse.ArgumentTypeError(f"not an http(s) URL: {text}")
+    return text
+
+
+def read_feed_list(text):
+    """Feed URLs from a plain list (one a line, # comments) or an OPML export."""
+    if text.lstrip().startswith("<"):
+        root = xml.etree.ElementTree.fromstring(text)
+        urls = [o.get("xmlUrl") for o in root.iter("outline") if o.get("xmlUrl")]
+    else:
+        urls = [line.split("#", 1)[0].strip() for line in text.splitlines()]
+    return [http_url(u) for u in urls if u]
+
+
+settings = parse_args([])       # main() replaces these with the command line's
+
+# -- The stream ---------------------------------------------------------------
+
+
+class Stream:
+    """A bounded history of items with consecutive ids, and the clients waiting for the next."""
+
+    def __init__(self, key, history):
+        self.key = key                  # the list's name in a response: "messages" or "entries"
+        self.items = collections.deque(maxlen=history)
+        self.last_id = 0                # ids run 1, 2, 3 ... within one process
+        self.event = eventlet.Event()
+        self.waiting = 0
+        self.closed = False
+
+    def publish(self, **fields):
+        self.last_id += 1
+        item = {"id": self.last_id, **fields}
+        self.items.append(item)
+        # An eventlet Event can be sent only once: swap in a fresh one, then
+        # send the old one, which wakes every current waiter (in later turns of
+        # the hub, so the publisher returns at once).
+        event, self.event = self.event, eventlet.Event()
+        event.send()
+        return item
+
+    def since(self, cursor):
+        """(items newer than cursor, cursor to send next, whether items were dropped)."""
+        if cursor is None or cursor > self.last_id:
+            # No cursor, or one from before a restart: start over from what is kept.
+            return list(self.items), self.last_id, False
+        first = self.last_id - len(self.items) + 1    # oldest id still kept
+        gap = cursor < first - 1
+        newer = itertools.islice(self.items, max(0, cursor - first + 1), None)
+        return list(newer), self.last_id, gap
+
+    def wait(self, cursor, timeout):
+        """Like since(), but wait up to timeout seconds for an item if there is none yet."""
+        # Take the Event before looking: a publish that lands between the look
+        # and the wait has sent this very Event, so the wait returns at once
+        # instead of missing the item (the lost wake-up).
+        event = self.event
+        items, cursor_out, gap = self.since(cursor)
+        if items or gap or cursor_out != cursor or self.closed:
+            return items, cursor_out, gap
+        self.waiting += 1
+        try:
+            # A client that went away is noticed only when this returns, so the
+            # timeout bounds what an abandoned poll costs.
+            event.wait(timeout)
+        finally:
+            self.waiting -= 1
+        return self.since(cursor)
+
+    def close(self):
+        """Answer every parked poll now and any later one at once (for shutdown)."""
+        self.closed = True
+        event, self.event = self.event, eventlet.Event()
+        event.send()
+
+    def resize(self, history):
+        self.items = collections.deque(self.items, maxlen=history)
+
+
+chat = Stream("messages", settings.history)
+feed = Stream("entries", settings.history)
+app = bottle.Bottle()
+
+# -- HTTP helpers -------------------------------------------------------------
+
+
+def fail(status, message, **headers):
+    """Stop the request with a JSON error; nothing has been changed."""
+    raise bottle.HTTPError(status, message, **headers)
+
+
+@app.error(400)
+@app.error(403)
+@app.error(404)
+@app.error(405)
+@app.error(413)
+@app.error(415)
+@app.error(429)
+@app.error(500)
+def error_body(err):
+    # A browser that asked for a page gets a short page; everyone else JSON.
+    # Never a traceback: err.traceback stays on the server's stderr.
+    message = err.body if err.status_code != 500 else "internal server error"
+    if "text/html" in bottle.request.get_header("Accept", ""):
+        bottle.response.content_type = "text/html; charset=utf-8"
+        return f"<!doctype html><title>{err.status}</title><h1>{bottle.html_escape(err.status)}</h1>" \
+               f"<p>{bottle.html_escape(message)}</p><p><a href='/'>Back to the chat</a></p>"
+    bottle.response.content_type = "application/json"
+    return json.dumps({"error": message})
+
+
+def no_store():
+    bottle.response.set_header("Cache-Control", "no-store")
+    bottle.response.set_header("X-Accel-Buffering", "no")   # a proxy must pass each answer on at once
+
+
+def parse_cursor():
+    text = bottle.request.query.get("cursor")
+    if text is None:
+        return None
+    if not re.fullmatch(r"[0-9]{1,18}", text):
+        fail(400, "cursor must be a non-negative integer")
+    return int(text)
+
+
+def updates(stream):
+    cursor = parse_cursor()
+    items, cursor, gap = stream.wait(cursor, settings.poll_timeout)
+    body = {stream.key: items, "cursor": cursor}
+    if gap:
+        body["gap"] = True
+    no_store()
+    return body
+
+
+def client_address():
+    """The client's address; a trusted proxy's X-Forwarded-For is believed, nobody else's."""
+    addr = bottle.request.environ.get("REMOTE_ADDR", "")
+    if addr in settings.trusted_proxy:
+        hops = [h.strip() for h in bottle.request.get_header("X-Forwarded-For", "").split(",")]
+        for hop in reversed(hops):          # the rightmost hop no trusted proxy added
+            if hop and hop not in settings.trusted_proxy:
+                return hop
+    return addr
+
+
+def json_body():
+    """The request's JSON object, or a 4xx that says what was wrong with it."""
+    req = bottle.request
+    origin = req.get_header("Origin")
+    if origin is not None and urllib.parse.urlsplit(origin).netloc != req.get_header("Host"):
+        fail(403, "cross-origin requests are not accepted")
+    if req.content_type.split(";")[0].strip().lower() != "application/json":
+        fail(415, "Content-Type must be application/json")
+    if req.content_length > MAX_BODY_BYTES:
+        fail(413, f"request body is over {MAX_BODY_BYTES // 1024} KB")
+    raw = req.body.read(MAX_BODY_BYTES + 1)
+    if len(raw) > MAX_BODY_BYTES:
+        fail(413, f"request body is over {MAX_BODY_BYTES // 1024} KB")
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        fail(400, "request body is not valid JSON")
+    if not isinstance(data, dict):
+        fail(400, "request body must be a JSON object")
+    return data
+
+
+def text_field(data, name, limit, allowed="", required=False):
+    value = data.get(name, "")
+    if not isinstance(value, str):
+        fail(400, f"{name} must be a string")
+    value = value.strip()
+    if required and not value:
+        fail(400, f"{name} must not be empty")
+    if len(value) > limit:
+        fail(400, f"{name} is longer than {limit} characters")
+    if any(unicodedata.category(c) in ("Cc", "Cs") and c not in allowed for c in value):
+        fail(400, f"{name} contains control characters")
+    return value
+
+
+# -- The chat -----------------------------------------------------------------
+
+
+class TokenBucket:
+    """Posting allowance per client address: `burst` at once, refilled at `rate` a second."""
+
+    def __init__(self):
+        self.buckets = {}           # address -> (tokens, time)
+
+    def take(self, key, rate, burst):
+        """Take a token; return 0 if there was one, else seconds until there is."""
+        now = time.monotonic()
+        tokens, then = self.buckets.get(key, (burst, now))
+        tokens = min(burst, tokens + (now - then) * rate)
+        if tokens < 1:
+            return (1 - tokens) / rate
+        if len(self.buckets) > 10000:  # forget addresses that are full again
+            self.buckets = {k: v for k, v in self.buckets.items()
+                            if v[0] + (now - v[1]) * rate < burst}
+        self.buckets[key] = (tokens - 1, now)
+        return 0
+
+
+posting = TokenBucket()
+posted_by_client_id = collections.OrderedDict()   # client_id -> message, for exactly-once retries
+
+
+@app.post("/chat/messages")
+def post_message():
+    data = json_body()
+    body = text_field(data, "body", MAX_MESSAGE_CHARS, allowed="\n\t", required=True)
+    nick = text_field(data, "nick", MAX_NICK_CHARS) or "anonymous"
+    client_id = text_field(data, "client_id", MAX_CLIENT_ID_CHARS)
+    if client_id in posted_by_client_id:
+        return posted_by_client_id[client_id]    # a retry whose first answer was lost
+    wait = posting.take(client_address(), settings.post_rate, settings.post_burst)
+    if wait:
+        fail(429, f"too many messages; try again in {wait:.0f} s", Retry_After=str(int(wait) + 1))
+    message = chat.publish(nick=nick, body=body, time=time.time())
+    if client_id:
+        posted_by_client_id[client_id] = message
+        if len(posted_by_client_id) > 10 * chat.items.maxlen:
+            posted_by_client_id.popitem(last=False)
+    bottle.response.status = 201
+    return message
+
+
+@app.get("/chat/updates")
+def chat_updates():
+    return updates(chat)
+
+
+# -- The feed poller ----------------------------------------------------------
+
+
+class FetchError(Exception):
+    """A feed could not be fetched or read; the message is shown to users."""
+
+    def __init__(self, message, retry_after=0):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Feed:
+    """One feed: what we know of it, and the green thread that checks it on its schedule."""
+
+    fetch_slots = eventlet.Semaphore(FETCH_CONCURRENCY)
+
+    def __init__(self, url):
+        self.url = url
+        self.title = urllib.parse.urlsplit(url).netloc
+        self.ok = False
+        self.error = None
+        self.last_checked = None
+        self.next_check = None
+        self.entries = 0            # entries published from this feed so far
+        self.etag = self.modified = None
+        self.seen = None            # dedupe keys, oldest first; None until the first success
+        self.failures = 0
+
+    def status(self):
+        return {k: getattr(self, k) for k in
+                ("url", "title", "ok", "error", "last_checked", "next_check", "entries")}
+
+    def run(self):
+        while True:
+            delay = self.check()
+            self.next_check = time.time() + delay
+            eventlet.sleep(delay)
+
+    def check(self):
+        """Fetch, parse and publish once; return the seconds until the next check."""
+        interval = settings.feed_interval
+        try:
+            with self.fetch_slots:
+                fetched = self.fetch()
+            if fetched is not None:         # None: 304 Not Modified, nothing new
+                # feedparser is pure Python and slow; in the hub it would freeze
+                # every connection, so it runs in eventlet's pool of OS threads.
+                title, entries = eventlet.tpool.execute(parse_feed, *fetched)
+                self.publish_new(title, entries)
+            self.ok, self.error, self.failures = True, None, 0
+            return interval
+        except Exception as e:              # whatever goes wrong, the feed's thread lives on
+            self.ok, self.failures = False, self.failures + 1
+            self.error = str(e) if isinstance(e, FetchError) else f"{type(e).__name__}: {e}"
+            backoff = min(interval * 2 ** self.failures, max(interval, MAX_BACKOFF))
+            return max(backoff, getattr(e, "retry_after", 0))
+        finally:
+            self.last_checked = time.time()
+
+    def fetch(self):
+        """(body, headers) of the feed, or None if unchanged since the last fetch."""
+        headers = {"User-Agent": "longpoll/1.0 (+feed stream demo)", "Accept-Encoding": "gzip, deflate"}
+        if self.etag:
+            headers["If-None-Match"] = self.etag
+        if self.modified:
+            headers["If-Modified-Since"] = self.modified
+        request = urllib.request.Request(self.url, headers=headers)
+        # urlopen's timeout is per socket operation; the Timeout bounds the whole
+        # fetch, so a server that drips a byte a second is cut off too.
+        with eventlet.Timeout(settings.fetch_timeout,
+                              FetchError(f"no complete answer within {settings.fetch_timeout:g} s")):
+            try:
+                with urllib.request.urlopen(request, timeout=settings.fetch_timeout) as response:
+                    body = response.read(MAX_FEED_BYTES + 1)
+                    headers = response.headers
+            except urllib.error.HTTPError as e:
+                if e.code == 304:
+                    return None
+                raise FetchError(f"HTTP {e.code} {e.reason}",
+                                 retry_after=retry_after(e.headers.get("Retry-After"))) from None
+            except urllib.error.URLError as e:
+                reason = getattr(e.reason, "strerror", None) or e.reason
+                raise FetchError(f"cannot fetch: {reason}") from None
+        body = decompress(body, headers.get("Content-Encoding", ""))
+        self.etag = headers.get("ETag")
+        self.modified = headers.get("Last-Modified")
+        return body, {"content-type": headers.get("Content-Type", ""), "content-location": self.url}
+
+    def publish_new(self, title, entries):
+        self.title = title or self.title
+        first_fetch = self.seen is None
+        seen = self.seen or collections.OrderedDict()
+        new = [e for e in entries if e["key"] not in seen]
+        for e in entries:
+            seen[e["key"]] = None
+            seen.move_to_end(e["key"])
+        while len(seen) > max(SEEN_PER_FEED, len(entries)):
+            seen.popitem(last=False)
+        self.seen = seen
+        # Feeds list their newest entries first; publish oldest first.
+        new = new[:FIRST_FETCH_ENTRIES if first_fetch else MAX_NEW_PER_FETCH][::-1]
+        for e in new:
+            feed.publish(feed=self.title, title=e["title"], link=e["link"],
+                         summary=e["summary"], published=e["published"])
+        self.entries += len(new)
+
+
+def retry_after(value):
+    """Seconds a Retry-After header asks for (a number or an HTTP date), or 0."""
+    if not value:
+        return 0
+    if value.strip().isdigit():
+        return min(int(value), 86400)
+    try:
+        when = email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError):
+        return 0
+    return min(max(0, when - time.time()), 86400)
+
+
+def decompress(body, encoding):
+    """The body, decompressed when the server compressed it, refusing bombs."""
+    if len(body) > MAX_FEED_BYTES:
+        raise FetchError(f"feed is larger than {MAX_FEED_BYTES // 2**20} MB")
+    if encoding.strip().lower() in ("gzip", "x-gzip", "deflate"):
+        inflater = zlib.decompressobj(zlib.MAX_WBITS | 32)   # gzip or zlib framing
+        try:
+            body = inflater.decompress(body, MAX_FEED_BYTES + 1)
+        except zlib.error as e:
+            raise FetchError(f"cannot decompress the feed: {e}") from None
+        if len(body) > MAX_FEED_BYTES:
+            raise FetchError(f"feed is larger than {MAX_FEED_BYTES // 2**20} MB uncompressed")
+    return body
+
+
+class TextOnly(html.parser.HTMLParser):
+    """Plain text from HTML: tags dropped, entities decoded, scripts and styles skipped."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.parts, self.skip = [], 0
+
+    def handle_starttag(self, tag, attrs):
+        self.skip += tag in ("script", "style")
+
+    def handle_endtag(self, tag):
+        self.skip -= tag in ("script", "style") and self.skip > 0
+
+    def handle_data(self, data):
+        if not self.skip:
+            self.parts.append(data)
+
+
+def plain_text(markup, limit=None):
+    parser = TextOnly()
+    parser.feed(markup or "")
+    parser.close()
+    text = " ".join("".join(parser.parts).split())
+    if limit and len(text) > limit:
+        text = text[:limit].rsplit(" ", 1)[0] + "…"
+    return text
+
+
+def safe_link(url):
+    url = (url or "").strip()
+    return url if urllib.parse.urlsplit(url).scheme.lower() in ("http", "https") else ""
+
+
+def parse_feed(body, headers):
+    """(feed title, entries as plain dicts); runs in an OS thread, so it touches nothing shared."""
+    parsed = feedparser.parse(body, response_headers=headers)
+    if not parsed.entries and parsed.bozo:
+        raise FetchError(f"not a feed: {parsed.get('bozo_exception', 'unreadable')}")
+    entries = []
+    for e in parsed.entries:
+        when = e.get("published_parsed") or e.get("updated_parsed")
+        published = time.strftime("%Y-%m-%dT%H:%M:%SZ", when) if when else None
+        title = plain_text(e.get("title"))
+        link = safe_link(e.get("link"))
+        entries.append({
+            "key": e.get("id") or link or f"{title}|{published}",
+            "title": title,
+            "link": link,
+            "summary": plain_text(e.get("summary"), SUMMARY_CHARS),
+            "published": published,
+        })
+    return plain_text(parsed.feed.get("title")), entries
+
+
+feeds = []      # main() fills it from the command line
+
+
+@app.get("/feed/updates")
+def feed_updates():
+    return updates(feed)
+
+
+# -- Status and pages ---------------------------------------------------------
+
+
+@app.get("/status")
+def status():
+    no_store()
+    return {
+        "waiting": chat.waiting + feed.waiting,
+        "streams": {name: {"last_id": s.last_id, "kept": len(s.items), "waiting": s.waiting}
+                    for name, s in (("chat", chat), ("feed", feed))},
+        "feeds": [f.status() for f in feeds],
+    }
+
+
+def page(name, **values):
+    bottle.response.set_header("Content-Security-Policy",
+                               "default-src 'self'; img-src 'self' data:; object-src 'none'")
+    return bottle.template(name, **values)
+
+
+@app.get("/")
+def chat_page():
+    return page("chat", title="Chat")
+
+
+@app.get("/feed")
+def feed_page():
+    return page("feed", title="Feed stream")
+
+
+@app.get("/static/<path:path>")
+def static(path):
+    return bottle.static_file(path, root=HERE / "static")
+
+
+bottle.TEMPLATE_PATH[:] = [str(HERE / "views")]
+
+# -- main() -------------------------------------------------------------------
+
+
+class Protocol(eventlet.wsgi.HttpProtocol):
+    # Each connection keeps its buffers for its whole life; answers here are a
+    # few KB, so smaller buffers hold many more parked clients in memory.
+    rbufsize = wbufsize = 4096
+
+
+def open_files_limit():
+    """Raise the soft open-files limit to the hard one; return it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        return target
+    except (ValueError, OSError):
+        return soft
+
+
+def main(argv=None):
+    global settings
+    settings = parse_args(argv)
+    for stream in (chat, feed):
+        stream.resize(settings.history)
+    try:
+        # No SO_REUSEPORT: a second copy on a taken port must fail, not share it.
+        sock = eventlet.listen((settings.host, settings.port), backlog=4096, reuse_port=False)
+    except OSError as e:
+        sys.exit(f"longpoll: cannot listen on {settings.host}:{settings.port}: {e.strerror}")
+    # eventlet serves at most 1024 connections by default, idle keep-alives
+    # included, and its accept loop dies if it runs out of descriptors: size the
+    # pool from the open-files limit, below it.
+    max_clients = open_files_limit() - FD_RESERVE
+    if max_clients < 10000:
+        print(f"longpoll: the open-files limit allows only {max_clients} clients", file=sys.stderr)
+
+    feeds[:] = [Feed(url) for url in dict.fromkeys(settings.feed)]
+    for f in feeds:
+        eventlet.spawn(f.run)
+
+    host, port = sock.getsockname()[:2]
+    server = eventlet.spawn(
+        eventlet.wsgi.server, sock, app, max_size=max_clients, protocol=Protocol,
+        log_output=settings.access_log, debug=False,
+        # Never socket.setdefaulttimeout(): it would apply to the listening
+        # socket too. These bound a client that is slow to send its request.
+        socket_timeout=30, keepalive=75)
+
+    # Ctrl-C or SIGTERM: the hub sleeps in epoll until its next timer, so the
+    # signal writes to a pipe that the main green thread waits on, which wakes it at once.
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: None)
+    print(f"longpoll: serving on http://{host}:{port}/ (chat) and http://{host}:{port}/feed", flush=True)
+    eventlet.hubs.trampoline(wake_r, read=True)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)    # a second Ctrl-C leaves at once
+    # Answer every parked poll at once so browsers come back (to the next
+    # server) promptly; then let the server finish what it is writing.
+    chat.close()
+    feed.close()
+    server.kill(SystemExit)
+    with eventlet.Timeout(3, False):
+        server.wait()
+    print("longpoll: stopped", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+// The feed page: entries join a queue as they arrive and leave it one at a
+// time at a steady pace. The page never scrolls: the newest entry goes on top
+// and whatever no longer fits below is dropped. Hovering pauses the stream.
+"use strict";
+
+const stream = document.getElementById("stream");
+const entries = document.getElementById("entries");
+const pace = document.getElementById("pace");
+const waiting = document.getElementById("waiting");
+const sources = document.getElementById("feeds");
+const STEP_MS = Number(new URLSearchParams(location.search).get("pace")) || 1500;
+const MAX_QUEUE = 1000;   // beyond this the oldest waiting entries are dropped
+const queue = [];
+let paused = false;
+
+function relativeTime(iso) {
+  if (!iso) return "";
+  const minutes = Math.round((Date.now() - Date.parse(iso)) / 60000);
+  if (minutes < 1) return "just now";
+  if (minutes < 60) return `${minutes} min ago`;
+  if (minutes < 48 * 60) return `${Math.round(minutes / 60)} h ago`;
+  return new Date(iso).toLocaleDateString();
+}
+
+function render(e) {
+  const item = el("li", "entry");
+  const meta = el("div", "meta");
+  meta.append(el("span", "source", e.feed));
+  const time = el("time", "time", relativeTime(e.published));
+  if (e.published) time.dateTime = e.published;
+  meta.append(time);
+  const title = el(isWebUrl(e.link) ? "a" : "span", "title", e.title || "Untitled");
+  if (isWebUrl(e.link)) {
+    title.href = e.link;
+    title.target = "_blank";
+    title.rel = "noopener noreferrer";
+  }
+  const heading = el("h3");
+  heading.append(title);
+  item.append(meta, heading);
+  if (e.summary) item.append(el("p", "summary", e.summary));
+  return item;
+}
+
+function showCount() {
+  waiting.textContent = `${queue.length} waiting`;
+  pace.textContent = paused ? "Paused" : "Live";
+  pace.dataset.paused = String(paused);
+}
+
+// Move one entry from the queue to the top of the stream, then drop the
+// entries that no longer fit, so the page itself never grows.
+function step() {
+  if (paused || !queue.length) return;
+  entries.prepend(render(queue.shift()));
+  const bottom = stream.getBoundingClientRect().bottom;
+  while (entries.children.length > 1 && entries.lastElementChild.getBoundingClientRect().top >= bottom) {
+    entries.lastElementChild.remove();
+  }
+  showCount();
+}
+setInterval(step, STEP_MS);
+
+stream.addEventListener("mouseenter", () => { paused = true; showCount(); });
+stream.addEventListener("mouseleave", () => { paused = false; showCount(); });
+
+longPoll("/feed/updates", batch => {
+  queue.push(...batch.entries);
+  if (queue.length > MAX_QUEUE) queue.splice(0, queue.length - MAX_QUEUE);
+  showCount();
+});
+
+// Each feed's state, from /status, refreshed now and then.
+async function refreshSources() {
+  try {
+    const res = await fetch("/status", {cache: "no-store", headers: {Accept: "application/json"}});
+    const status = await res.json();
+    sources.replaceChildren(...status.feeds.map(f => {
+      const item = el("li", "source-state");
+      item.dataset.ok = f.last_checked === null ? "pending" : String(f.ok);
+      item.append(el("span", "dot"), el("span", "name", f.title || f.url));
+      const detail = f.last_checked === null ? "waiting for the first check"
+        : f.ok ? `${f.entries} entries` : f.error;
+      item.append(el("span", "detail", detail));
+      item.title = f.url;
+      return item;
+    }));
+    if (!status.feeds.length) sources.replaceChildren(el("li", "detail", "No feeds configured."));
+  } catch (err) { /* the poll loop already shows that the server is away */ }
+}
+refreshSources();
+setInterval(refreshSources, 10000);
