@@ -1,0 +1,499 @@
+"""Tests of longpoll: the stream mechanism in-process, the HTTP contract against a
+real server on a free port, and the feed poller against a local feed server.
+
+Run with: python -m pytest test_longpoll.py
+"""
+
+import longpoll  # first: it monkey-patches before anything imports socket or threading
+
+import gzip
+import http.client
+import json
+import os
+import re
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import bottle
+import eventlet
+import eventlet.wsgi
+import pytest
+from hypothesis import given, settings as hypothesis_settings, strategies as st
+
+HERE = Path(__file__).resolve().parent
+
+# Room for the tests that open more than 1024 connections at once.
+_soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (min(_hard, 8192), _hard))
+
+
+# -- Helpers ------------------------------------------------------------------
+
+
+class Response:
+    def __init__(self, status, headers, body):
+        self.status, self.headers, self.body = status, headers, body
+
+    def json(self):
+        return json.loads(self.body)
+
+
+class Server:
+    """longpoll.py started as its own process on a free port."""
+
+    def __init__(self, *flags, feeds_file=None):
+        if not any(f.startswith("--feed") for f in flags):
+            flags += ("--feeds", os.devnull)     # no feeds: nothing leaves the machine
+        self.proc = subprocess.Popen(
+            [sys.executable, "longpoll.py", "--port", "0", *flags], cwd=HERE,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.banner = self.proc.stdout.readline()
+        match = re.search(r"http://([\d.]+):(\d+)/", self.banner)
+        if not match:
+            self.proc.kill()
+            raise RuntimeError(f"server did not start: {self.banner}{self.proc.stderr.read()}")
+        self.host, self.port = match[1], int(match[2])
+
+    def request(self, method, path, body=None, headers=None, timeout=15):
+        headers = dict(headers or {})
+        if isinstance(body, (dict, list)):
+            body = json.dumps(body)
+            headers.setdefault("Content-Type", "application/json")
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        try:
+            conn.request(method, path, body=body, headers=headers)
+            resp = conn.getresponse()
+            return Response(resp.status, resp.headers, resp.read())
+        finally:
+            conn.close()
+
+    def get(self, path, **kw):
+        return self.request("GET", path, **kw)
+
+    def post(self, message, **kw):
+        return self.request("POST", "/chat/messages", body=message, **kw)
+
+    def status(self):
+        return self.get("/status").json()
+
+    def wait_for(self, predicate, timeout=10):
+        """Poll /status until predicate(status) holds; return that status."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.status()
+            if predicate(status):
+                return status
+            assert time.monotonic() < deadline, f"never true; last status: {status}"
+            eventlet.sleep(0.05)
+
+    def stop(self):
+        """SIGTERM, then the server's stderr."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        _, err = self.proc.communicate(timeout=15)
+        return err
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = Server("--poll-timeout", "2", "--post-burst", "10000", "--post-rate", "10000")
+    yield srv
+    err = srv.stop()
+    assert "Traceback" not in err, err      # no request of the whole module crashed a handler
+
+
+@pytest.fixture
+def start():
+    started = []
+
+    def start_server(*flags):
+        started.append(Server(*flags))
+        return started[-1]
+    yield start_server
+    for srv in started:
+        srv.stop()
+
+
+def spawn_poll(srv, path, **kw):
+    """A long poll running in a green thread; .wait() gives its Response."""
+    thread = eventlet.spawn(srv.get, path, **kw)
+    eventlet.sleep(0)
+    return thread
+
+
+# -- The stream mechanism (in-process) ----------------------------------------
+
+
+def test_publish_wakes_every_waiter():
+    stream = longpoll.Stream("messages", 10)
+    waiters = [eventlet.spawn(stream.wait, 0, 5) for _ in range(3)]
+    eventlet.sleep(0)
+    assert stream.waiting == 3
+    stream.publish(body="hello")
+    for w in waiters:
+        items, cursor, gap = w.wait()
+        assert [i["body"] for i in items] == ["hello"] and cursor == 1 and not gap
+    assert stream.waiting == 0
+
+
+def test_each_publish_wakes_its_own_waiters():
+    # An eventlet Event fires once; the second publish must wake the second round.
+    stream = longpoll.Stream("messages", 10)
+    for n in (1, 2, 3):
+        waiter = eventlet.spawn(stream.wait, n - 1, 5)
+        eventlet.sleep(0)
+        stream.publish(n=n)
+        assert [i["n"] for i in waiter.wait()[0]] == [n]
+
+
+def test_publish_between_look_and_wait_is_not_lost(monkeypatch):
+    stream = longpoll.Stream("messages", 10)
+    look = stream.since
+
+    def look_then_someone_posts(cursor):
+        result = look(cursor)
+        if not result[0]:
+            stream.publish(body="raced")    # lands after "nothing new", before the wait
+        return result
+    monkeypatch.setattr(stream, "since", look_then_someone_posts)
+    with eventlet.Timeout(1):          # a lost wake-up would wait out the 30 s
+        items, cursor, _ = stream.wait(0, timeout=30)
+    assert [i["body"] for i in items] == ["raced"] and cursor == 1
+
+
+def test_wait_times_out_empty_at_the_same_cursor():
+    stream = longpoll.Stream("messages", 10)
+    stream.publish(body="old")
+    assert stream.wait(1, timeout=0.05) == ([], 1, False)
+    assert stream.waiting == 0
+
+
+def test_history_is_bounded_and_a_stale_cursor_reports_a_gap():
+    stream = longpoll.Stream("messages", 3)
+    for n in range(1, 8):
+        stream.publish(n=n)
+    assert [i["id"] for i in stream.items] == [5, 6, 7]
+    items, cursor, gap = stream.since(2)
+    assert [i["id"] for i in items] == [5, 6, 7] and cursor == 7 and gap
+    items, cursor, gap = stream.since(4)        # 5 is the next it needs, and 5 is kept
+    assert [i["id"] for i in items] == [5, 6, 7] and not gap
+    assert stream.since(6) == ([stream.items[2]], 7, False)
+
+
+def test_cursor_from_before_a_restart_gets_history_at_once():
+    stream = longpoll.Stream("messages", 10)
+    stream.publish(body="a")
+    items, cursor, gap = stream.wait(500, timeout=5)
+    assert [i["id"] for i in items] == [1] and cursor == 1 and not gap
+
+
+def test_close_answers_parked_and_later_polls_at_once():
+    stream = longpoll.Stream("messages", 10)
+    waiter = eventlet.spawn(stream.wait, 0, 30)
+    eventlet.sleep(0)
+    stream.close()
+    assert waiter.wait() == ([], 0, False)
+    assert stream.wait(0, 30) == ([], 0, False)
+
+
+@hypothesis_settings(max_examples=150, deadline=None)
+@given(history=st.integers(1, 6),
+       ops=st.lists(st.one_of(
+           st.tuples(st.just("publish"), st.integers(1, 4)),
+           st.tuples(st.just("poll"), st.integers(0, 2)),
+           st.tuples(st.just("wait"), st.integers(0, 2)),
+           st.tuples(st.just("jump"), st.integers(0, 2), st.integers(0, 40))), max_size=40))
+def test_every_client_sees_every_item_once_in_order_unless_told_of_a_gap(history, ops):
+    stream = longpoll.Stream("messages", history)
+    cursors = [0, 0, 0]
+    seen = [[], [], []]
+    waiters = []
+
+    def deliver(client, result, sent):
+        items, cursor, gap = result
+        ids = [i["id"] for i in items]
+        assert ids == sorted(set(ids)), "out of order or twice in one answer"
+        if sent is not None and sent <= stream.last_id and not gap:
+            assert ids == list(range(sent + 1, sent + 1 + len(ids))), "an item was skipped"
+        if gap:
+            assert ids and ids[0] > sent + 1
+        seen[client] += [(i, gap) for i in ids]
+        cursors[client] = cursor
+
+    for op in ops:
+        if op[0] == "publish":
+            for _ in range(op[1]):
+                stream.publish(body="x")
+        elif op[0] == "poll":
+            sent = cursors[op[1]]
+            deliver(op[1], stream.since(sent), sent)
+        elif op[0] == "wait":
+            client, sent = op[1], cursors[op[1]]
+            waiters.append((client, sent, eventlet.spawn(stream.wait, sent, 0.01)))
+        else:                                   # a client shows up with any cursor at all
+            client, cursors[client] = op[1], op[2]
+            seen[client].append(("jump", op[2]))
+        eventlet.sleep(0)
+    for client, sent, waiter in waiters:
+        deliver(client, waiter.wait(), sent)
+    for client in range(3):                     # then each catches up
+        deliver(client, stream.since(cursors[client]), cursors[client])
+        assert cursors[client] == stream.last_id
+    for client_seen in seen:
+        # Between jumps, ids received are increasing and consecutive but for reported gaps.
+        last = None
+        for entry in client_seen:
+            if entry[0] == "jump":
+                last = None
+                continue
+            item_id, gap = entry
+            if last is not None and not gap and item_id > last:
+                assert item_id == last + 1, client_seen
+
+
+def test_bottle_request_is_per_green_thread():
+    # Holds only because longpoll monkey-patches before bottle is imported.
+    def handle(path):
+        bottle.request.bind({"PATH_INFO": path})
+        eventlet.sleep(0.01)            # another "request" runs meanwhile
+        return bottle.request.path
+    threads = [eventlet.spawn(handle, f"/{n}") for n in range(5)]
+    assert [t.wait() for t in threads] == [f"/{n}" for n in range(5)]
+
+
+def test_no_global_socket_timeout():
+    # It would apply to the listening socket too and stop the server when idle.
+    assert socket.getdefaulttimeout() is None
+
+
+# -- The HTTP contract ---------------------------------------------------------
+
+
+def test_pages_have_the_ids_clients_use(server):
+    chat = server.get("/", headers={"Accept": "text/html"})
+    assert chat.status == 200 and chat.headers["Content-Type"].startswith("text/html")
+    for element_id in ("nick", "body", "messages"):
+        assert f'id="{element_id}"' in chat.body.decode()
+    feed = server.get("/feed")
+    assert feed.status == 200 and 'id="entries"' in feed.body.decode()
+    for name in ("poll.js", "chat.js", "feed.js", "style.css"):
+        assert server.get(f"/static/{name}").status == 200
+
+
+def test_post_returns_the_message_verbatim(server):
+    before = time.time()
+    resp = server.post({"nick": "  ada ", "body": "  <b>bold</b> & 'quoted'\n\tline two  "})
+    assert resp.status == 201
+    message = resp.json()
+    assert set(message) == {"id", "nick", "body", "time"}
+    assert message["nick"] == "ada"
+    assert message["body"] == "<b>bold</b> & 'quoted'\n\tline two"
+    assert isinstance(message["id"], int) and before - 1 <= message["time"] <= time.time() + 1
+
+
+def test_empty_nick_is_anonymous(server):
+    assert server.post({"nick": "", "body": "hi"}).json()["nick"] == "anonymous"
+    assert server.post({"body": "hi"}).json()["nick"] == "anonymous"
+
+
+def test_updates_without_cursor_return_history_at_once(server):
+    posted = server.post({"nick": "a", "body": "history"}).json()
+    resp = server.get("/chat/updates")
+    assert resp.status == 200
+    assert resp.headers["Content-Type"].startswith("application/json")
+    assert resp.headers["Cache-Control"] == "no-store"
+    data = resp.json()
+    assert data["messages"][-1] == posted and data["cursor"] == posted["id"]
+
+
+def test_updates_return_everything_newer_in_order_at_once(server):
+    cursor = server.get("/chat/updates").json()["cursor"]
+    ids = [server.post({"body": f"m{n}"}).json()["id"] for n in range(3)]
+    data = server.get(f"/chat/updates?cursor={cursor}").json()
+    assert [m["id"] for m in data["messages"]] == ids == list(range(cursor + 1, cursor + 4))
+    assert data["cursor"] == ids[-1]
+
+
+def test_a_waiting_poll_is_answered_when_a_message_is_posted(server):
+    cursor = server.get("/chat/updates").json()["cursor"]
+    polls = [spawn_poll(server, f"/chat/updates?cursor={cursor}") for _ in range(3)]
+    server.wait_for(lambda s: s["streams"]["chat"]["waiting"] >= 3)
+    posted = server.post({"nick": "b", "body": "wake up"}).json()
+    for poll in polls:
+        resp = poll.wait()
+        assert resp.headers["Cache-Control"] == "no-store"
+        assert resp.json() == {"messages": [posted], "cursor": posted["id"]}
+
+
+def test_a_poll_with_nothing_new_times_out_empty(start):
+    srv = start("--poll-timeout", "0.3")
+    srv.post({"body": "x"})
+    assert srv.get("/chat/updates?cursor=1").json() == {"messages": [], "cursor": 1}
+
+
+def test_stale_cursor_reports_gap_and_future_cursor_resets(start):
+    srv = start("--history", "3", "--poll-timeout", "5")
+    for n in range(5):
+        srv.post({"body": f"m{n}"})
+    data = srv.get("/chat/updates?cursor=0").json()
+    assert [m["id"] for m in data["messages"]] == [3, 4, 5] and data["gap"] is True
+    assert "gap" not in srv.get("/chat/updates?cursor=3").json()
+    # A cursor from before a restart: answered at once with the history.
+    data = srv.get("/chat/updates?cursor=99999", timeout=3).json()
+    assert [m["id"] for m in data["messages"]] == [3, 4, 5] and data["cursor"] == 5
+
+
+def test_status_counts_parked_polls(server):
+    cursor = server.get("/chat/updates").json()["cursor"]
+    poll = spawn_poll(server, f"/chat/updates?cursor={cursor}")
+    status = server.wait_for(lambda s: s["waiting"] >= 1)
+    assert status["streams"]["chat"]["waiting"] >= 1 and "feed" in status["streams"]
+    assert server.get("/status").headers["Cache-Control"] == "no-store"
+    server.post({"body": "release"})
+    poll.wait()
+
+
+JSON = {"Content-Type": "application/json"}
+BAD_POSTS = [
+    ("not json", b"{nick:", JSON, 400),
+    ("not utf-8", b'{"body": "\xff"}', JSON, 400),
+    ("an array", b'["body"]', JSON, 400),
+    ("a string", b'"hello"', JSON, 400),
+    ("missing body", {"nick": "a"}, None, 400),
+    ("numeric body", {"body": 5}, None, 400),
+    ("null body", {"body": None}, None, 400),
+    ("numeric nick", {"nick": 5, "body": "x"}, None, 400),
+    ("list nick", {"nick": ["a"], "body": "x"}, None, 400),
+    ("empty body", {"body": ""}, None, 400),
+    ("blank body", {"body": " \n\t "}, None, 400),
+    ("long body", {"body": "x" * 2001}, None, 400),
+    ("long nick", {"nick": "n" * 33, "body": "x"}, None, 400),
+    ("NUL in body", {"body": "a\x00b"}, None, 400),
+    ("escape in body", {"body": "a\x1b[31mb"}, None, 400),
+    ("carriage return", {"body": "a\rb"}, None, 400),
+    ("newline in nick", {"nick": "a\nb", "body": "x"}, None, 400),
+    ("tab in nick", {"nick": "a\tb", "body": "x"}, None, 400),
+    ("lone surrogate", b'{"body": "\\ud800"}', JSON, 400),
+    ("numeric client_id", {"body": "x", "client_id": 5}, None, 400),
+    ("long client_id", {"body": "x", "client_id": "c" * 65}, None, 400),
+    ("deep nesting", b"[" * 30000 + b"]" * 30000, JSON, 400),
+    ("over 64 KB", json.dumps({"body": "x" * 70000}), JSON, 413),
+    ("text/plain", json.dumps({"body": "x"}), {"Content-Type": "text/plain"}, 415),
+    ("form", "body=x", {"Content-Type": "application/x-www-form-urlencoded"}, 415),
+    ("no content type", json.dumps({"body": "x"}), {}, 415),
+    ("other origin", {"body": "x"}, {"Origin": "http://evil.example"}, 403),
+    ("null origin", {"body": "x"}, {"Origin": "null"}, 403),
+]
+
+
+@pytest.mark.parametrize("body,headers,status", [b[1:] for b in BAD_POSTS], ids=[b[0] for b in BAD_POSTS])
+def test_bad_posts_get_a_4xx_json_error_and_change_nothing(server, body, headers, status):
+    before = server.status()["streams"]["chat"]["last_id"]
+    resp = server.post(body, headers=headers)
+    assert resp.status == status
+    assert resp.headers["Content-Type"].startswith("application/json")
+    assert isinstance(resp.json()["error"], str) and resp.json()["error"]
+    assert server.status()["streams"]["chat"]["last_id"] == before
+
+
+def test_fine_posts_at_the_limits(server):
+    assert server.post({"nick": "n" * 32, "body": "b" * 2000}).status == 201
+    assert server.post({"body": "tab\tand\nnewline"}).status == 201
+    origin = f"http://{server.host}:{server.port}"
+    assert server.post({"body": "same origin"}, headers={"Origin": origin}).status == 201
+    charset = {"Content-Type": "application/json; charset=utf-8"}
+    assert server.post(json.dumps({"body": "é"}), headers=charset).status == 201
+
+
+@pytest.mark.parametrize("cursor", ["-1", "abc", "1.5", "", "1e3", "0x10", "%201", "9" * 40, "%C2%B2", "1%00"])
+def test_bad_cursor_is_400(server, cursor):
+    resp = server.get(f"/chat/updates?cursor={cursor}")
+    assert resp.status == 400 and "cursor" in resp.json()["error"]
+
+
+@pytest.mark.parametrize("method,path", [
+    ("PUT", "/chat/messages"), ("DELETE", "/chat/messages"), ("GET", "/chat/messages"),
+    ("POST", "/chat/updates"), ("POST", "/feed/updates"), ("POST", "/status")])
+def test_wrong_method_is_405(server, method, path):
+    resp = server.request(method, path, body="{}", headers=JSON)
+    assert resp.status == 405 and "error" in resp.json()
+
+
+def test_unknown_path_is_404_json_or_a_page(server):
+    resp = server.get("/nope")
+    assert resp.status == 404 and "error" in resp.json()
+    page = server.get("/nope", headers={"Accept": "text/html,*/*"})
+    assert page.status == 404 and b"<h1>" in page.body
+
+
+def test_more_than_1024_parked_polls_and_the_post_still_gets_in(start):
+    srv = start("--poll-timeout", "30")
+    n = 1100
+    polls = [spawn_poll(srv, "/chat/updates?cursor=0", timeout=60) for _ in range(n)]
+    srv.wait_for(lambda s: s["waiting"] == n, timeout=30)
+    posted = srv.post({"body": "to all"}, timeout=5)
+    assert posted.status == 201
+    assert all(p.wait().json()["messages"] == [posted.json()] for p in polls)
+
+
+def test_abandoned_polls_are_freed_at_the_poll_timeout(start):
+    srv = start("--poll-timeout", "1")
+    socks = []
+    for _ in range(20):
+        sock = socket.create_connection((srv.host, srv.port))
+        sock.sendall(b"GET /chat/updates?cursor=0 HTTP/1.1\r\nHost: x\r\n\r\n")
+        socks.append(sock)
+    srv.wait_for(lambda s: s["waiting"] == 20)
+    for sock in socks:
+        sock.close()                    # the clients vanish without a word
+    srv.wait_for(lambda s: s["waiting"] == 0, timeout=5)
+
+
+def test_sigterm_answers_parked_polls_and_exits(start):
+    srv = start("--poll-timeout", "60")
+    polls = [spawn_poll(srv, "/chat/updates?cursor=0", timeout=30) for _ in range(50)]
+    srv.wait_for(lambda s: s["waiting"] == 50)
+    srv.proc.send_signal(signal.SIGTERM)
+    assert srv.proc.wait(timeout=5) == 0
+    assert all(p.wait().status == 200 for p in polls)
+
+
+def test_ctrl_c_exits_cleanly_with_many_polls_parked(start):
+    srv = start("--poll-timeout", "60")
+    polls = [spawn_poll(srv, "/chat/updates?cursor=0", timeout=30) for _ in range(1500)]
+    srv.wait_for(lambda s: s["waiting"] == 1500, timeout=30)
+    srv.proc.send_signal(signal.SIGINT)
+    assert srv.proc.wait(timeout=5) == 0
+    assert "Traceback" not in srv.proc.stderr.read()
+    assert all(p.wait().status == 200 for p in polls)
+
+
+def test_second_copy_on_a_taken_port_fails_at_once(server):
+    proc = subprocess.run([sys.executable, "longpoll.py", "--port", str(server.port), "--feeds", os.devnull],
+                          cwd=HERE, capture_output=True, text=True, timeout=10)
+    assert proc.returncode != 0
+    assert f"cannot listen on 127.0.0.1:{server.port}" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_start_is_quiet_and_help_documents_every_flag(start):
+    srv = start()
+    assert srv.banner.startswith("longpoll: serving on http://127.0.0.1:")
+    assert srv.stop().strip() == ""     # no warnings on a normal start
+    help_text = subprocess.run([sys.executable, "longpoll.py", "--help"], cwd=HERE,
+                               capture_output=True, text=True).stdout
+    for flag in ("--host", "--port", "--poll-timeout", "--history", "--feed ", "--feeds",
+                 "--feed-interval", "--fetch-timeout", "--post-rate", "--post-burst", "--trusted-proxy"):
+        assert re.search(re.escape(flag) + r"[^\n]*\n?\s+\S", help_text), flag
+
+
+def test_bad_flags_are_refused_clearly():
+    for flags in (["--poll-timeout", "0"], ["--history", "0"], ["--feed", "file:///etc/passwd"],
+                  ["--feed-interval", "0.5"], ["--feeds", "/no/such/file"]):
+        proc = subprocess.run([sys.executable, "longpoll.py", *flags], cwd=HERE,
+                              capture_output=True, text=True, timeout=10)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, (flags, proc.stderr)
