@@ -543,8 +543,8 @@ def safe_link(url):
 def parse_feed(body, headers):
     """(feed title, entries as plain dicts); runs in an OS thread, so it touches nothing shared."""
     parsed = feedparser.parse(body, response_headers=headers)
-    if not parsed.entries and parsed.bozo:
-        raise FetchError(f"not a feed: {parsed.get('bozo_exception', 'unreadable')}")
+    if not parsed.entries and (parsed.bozo or not parsed.version):
+        raise FetchError(f"not a feed: {parsed.get('bozo_exception') or 'no Atom or RSS found'}")
     entries = []
     for e in parsed.entries:
         when = e.get("published_parsed") or e.get("updated_parsed")

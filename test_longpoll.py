@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from xml.sax.saxutils import escape, quoteattr
 
 import bottle
 import eventlet
@@ -497,3 +498,327 @@ def test_bad_flags_are_refused_clearly():
         proc = subprocess.run([sys.executable, "longpoll.py", *flags], cwd=HERE,
                               capture_output=True, text=True, timeout=10)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, (flags, proc.stderr)
+
+
+# -- The feed poller -----------------------------------------------------------
+
+
+def atom(entries, title="Fixture Atom"):
+    """An Atom document; entries are (id, title, link, summary) tuples, newest first."""
+    body = "".join(
+        f"<entry><id>{escape(i)}</id><title type='html'>{escape(t)}</title>"
+        f"<link href={quoteattr(link)}/><updated>2026-11-{n % 28 + 1:02d}T10:00:00Z</updated>"
+        f"<summary type='html'>{escape(s)}</summary></entry>"
+        for n, (i, t, link, s) in enumerate(entries))
+    return (f"<?xml version='1.0' encoding='utf-8'?><feed xmlns='http://www.w3.org/2005/Atom'>"
+            f"<title>{escape(title)}</title><id>urn:fixture</id>"
+            f"<updated>2026-11-28T10:00:00Z</updated>{body}</feed>").encode()
+
+
+def rss(items, title="Fixture RSS"):
+    body = "".join(
+        f"<item><guid>{escape(i)}</guid><title>{escape(t)}</title><link>{escape(link)}</link>"
+        f"<description>{escape(s)}</description><pubDate>Tue, 03 Nov 2026 09:30:00 GMT</pubDate></item>"
+        for i, t, link, s in items)
+    return (f"<?xml version='1.0' encoding='utf-8'?><rss version='2.0'><channel>"
+            f"<title>{escape(title)}</title><link>http://example.com/</link>{body}</channel></rss>").encode()
+
+
+def numbered(first, last):
+    """Entries first..last as (id, title, link, summary), newest first, as feeds list them."""
+    return [(f"urn:e{n}", f"Entry {n}", f"http://example.com/{n}", f"Summary {n}")
+            for n in range(last, first - 1, -1)]
+
+
+class FeedServer:
+    """Fixture feeds on a free loopback port, served by a green thread of the test process."""
+
+    def __init__(self):
+        self.routes, self.requests = {}, []
+        self.release = eventlet.Event()         # sent at teardown to end hung answers
+        sock = eventlet.listen(("127.0.0.1", 0))
+        self.url = "http://127.0.0.1:%d" % sock.getsockname()[1]
+        self.thread = eventlet.spawn(eventlet.wsgi.server, sock, self.app,
+                                     log_output=False, minimum_chunk_size=1)
+
+    def app(self, environ, start_response):
+        self.requests.append(environ)
+        handler = self.routes.get(environ["PATH_INFO"], lambda env: ("404 Not Found", [], [b""]))
+        status, headers, body = handler(environ)
+        start_response(status, headers)
+        return body
+
+    def feed(self, path, body, etag=None, content_type="application/xml", headers=()):
+        def handler(environ):
+            if etag and environ.get("HTTP_IF_NONE_MATCH") == etag:
+                return "304 Not Modified", [("ETag", etag)], [b""]
+            extra = [("ETag", etag)] if etag else []
+            return "200 OK", [("Content-Type", content_type), *extra, *headers], [body]
+        self.routes[path] = handler
+        return self.url + path
+
+    def status(self, path, status, headers=()):
+        self.routes[path] = lambda env: (status, list(headers), [b"nope"])
+        return self.url + path
+
+    def hang(self, path):
+        def handler(environ):
+            self.release.wait()
+            return "200 OK", [], [b""]
+        self.routes[path] = handler
+        return self.url + path
+
+    def drip(self, path, body):
+        def dripping():
+            for byte in body:
+                if self.release.ready():
+                    return
+                eventlet.sleep(0.1)
+                yield bytes([byte])
+        self.routes[path] = lambda env: ("200 OK", [("Content-Type", "application/xml")], dripping())
+        return self.url + path
+
+    def close(self):
+        self.release.send()
+        self.thread.kill()
+
+
+@pytest.fixture
+def feeds(monkeypatch):
+    monkeypatch.setattr(longpoll.settings, "feed_interval", 60.0)
+    monkeypatch.setattr(longpoll.settings, "fetch_timeout", 2.0)
+    srv = FeedServer()
+    yield srv
+    srv.close()
+
+
+def published_by(feed_check):
+    """Run a Feed.check(); return (its delay, the entries it published)."""
+    before = longpoll.feed.last_id
+    delay = feed_check()
+    return delay, longpoll.feed.since(before)[0]
+
+
+def test_atom_entries_become_plain_text_json(feeds):
+    url = feeds.feed("/atom.xml", atom([(
+        "urn:x", "<b>Bold</b> &amp; co", "http://example.com/x",
+        "<script>alert(1)</script><p>Hello&nbsp;<i>world</i>,\n\n   spaced &lt;out&gt;</p>" + " word" * 200)]))
+    f = longpoll.Feed(url)
+    delay, [entry] = published_by(f.check)
+    assert delay == 60 and f.ok and f.error is None and f.title == "Fixture Atom"
+    assert set(entry) == {"id", "feed", "title", "link", "summary", "published"}
+    assert entry["feed"] == "Fixture Atom" and entry["title"] == "Bold & co"
+    assert entry["link"] == "http://example.com/x"
+    assert entry["summary"].startswith("Hello world, spaced <out> word word")
+    assert "alert" not in entry["summary"] and len(entry["summary"]) <= longpoll.SUMMARY_CHARS + 1
+    assert entry["summary"].endswith("…")
+    assert entry["published"] == "2026-11-01T10:00:00Z"
+
+
+def test_rss_entries_are_published_with_iso_dates(feeds):
+    url = feeds.feed("/rss.xml", rss([("g1", "Tom &amp; Jerry", "https://example.com/1", "<em>Cat</em> and mouse")]))
+    f = longpoll.Feed(url)
+    _, [entry] = published_by(f.check)
+    assert entry["feed"] == "Fixture RSS" and entry["title"] == "Tom & Jerry"
+    assert entry["summary"] == "Cat and mouse" and entry["link"] == "https://example.com/1"
+    assert entry["published"] == "2026-11-03T09:30:00Z"
+    assert f.status()["entries"] == 1 and f.status()["ok"] is True
+
+
+def test_first_fetch_publishes_only_the_newest_few_oldest_first(feeds):
+    f = longpoll.Feed(feeds.feed("/f.xml", atom(numbered(1, 12))))
+    _, entries = published_by(f.check)
+    assert [e["title"] for e in entries] == [f"Entry {n}" for n in range(8, 13)]
+
+
+def test_conditional_get_sends_validators_and_publishes_nothing_on_304(feeds):
+    f = longpoll.Feed(feeds.feed("/etag.xml", atom(numbered(1, 3)), etag='"v1"'))
+    published_by(f.check)
+    assert "HTTP_IF_NONE_MATCH" not in feeds.requests[-1]
+    delay, entries = published_by(f.check)
+    assert feeds.requests[-1]["HTTP_IF_NONE_MATCH"] == '"v1"'
+    assert entries == [] and f.ok and delay == 60
+
+
+def test_last_modified_is_sent_back(feeds):
+    stamp = "Tue, 03 Nov 2026 09:30:00 GMT"
+    f = longpoll.Feed(feeds.feed("/lm.xml", atom(numbered(1, 2)), headers=[("Last-Modified", stamp)]))
+    published_by(f.check)
+    published_by(f.check)
+    assert feeds.requests[-1]["HTTP_IF_MODIFIED_SINCE"] == stamp
+
+
+def test_only_new_entries_are_published_across_fetches(feeds):
+    f = longpoll.Feed(feeds.feed("/d.xml", atom(numbered(1, 3))))
+    published_by(f.check)
+    feeds.feed("/d.xml", atom(numbered(1, 6)))
+    _, entries = published_by(f.check)
+    assert [e["title"] for e in entries] == ["Entry 4", "Entry 5", "Entry 6"]
+    _, entries = published_by(f.check)
+    assert entries == []
+
+
+def test_entries_without_ids_dedupe_by_link_then_title(feeds):
+    body = (b"<rss version='2.0'><channel><title>No ids</title>"
+            b"<item><title>A</title><link>http://example.com/a</link></item>"
+            b"<item><title>B</title></item></channel></rss>")
+    f = longpoll.Feed(feeds.feed("/noid.xml", body))
+    assert len(published_by(f.check)[1]) == 2
+    assert published_by(f.check)[1] == []
+
+
+def test_http_errors_back_off_exponentially(feeds):
+    f = longpoll.Feed(feeds.status("/500", "500 Internal Server Error"))
+    delays = [published_by(f.check)[0] for _ in range(3)]
+    assert delays == [120, 240, 480]
+    assert not f.ok and f.error == "HTTP 500 Internal Server Error"
+    status = f.status()
+    assert status["ok"] is False and status["error"] == "HTTP 500 Internal Server Error"
+
+
+def test_retry_after_is_honoured(feeds):
+    f = longpoll.Feed(feeds.status("/429", "429 Too Many Requests", [("Retry-After", "900")]))
+    assert published_by(f.check)[0] == 900 and "429" in f.error
+    later = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 3000))
+    f = longpoll.Feed(feeds.status("/503", "503 Service Unavailable", [("Retry-After", later)]))
+    assert 2900 < published_by(f.check)[0] <= 3000
+
+
+def test_a_hung_feed_times_out(feeds, monkeypatch):
+    monkeypatch.setattr(longpoll.settings, "fetch_timeout", 0.5)
+    f = longpoll.Feed(feeds.hang("/hang"))
+    published_by(f.check)
+    assert not f.ok and "0.5 s" in f.error
+
+
+def test_a_slow_drip_body_times_out(feeds, monkeypatch):
+    monkeypatch.setattr(longpoll.settings, "fetch_timeout", 0.5)
+    f = longpoll.Feed(feeds.drip("/drip", atom(numbered(1, 1))))
+    published_by(f.check)
+    assert not f.ok and "0.5 s" in f.error
+
+
+@pytest.mark.parametrize("body", [b"\x00\xff garbage \x89PNG", b"<html><body>not a feed</body></html>", b""])
+def test_garbage_is_an_error(feeds, body):
+    f = longpoll.Feed(feeds.feed("/junk", body))
+    delay, entries = published_by(f.check)
+    assert entries == [] and not f.ok and f.error and delay == 120
+
+
+def test_oversized_body_is_refused(feeds):
+    big = atom(numbered(1, 1)) + b" " * (longpoll.MAX_FEED_BYTES + 10)
+    f = longpoll.Feed(feeds.feed("/big", big))
+    assert published_by(f.check)[1] == [] and "larger than 5 MB" in f.error
+
+
+def test_a_compression_bomb_is_refused_and_gzip_works(feeds):
+    bomb = gzip.compress(b"<" + b" " * 100_000_000)
+    f = longpoll.Feed(feeds.feed("/bomb", bomb, headers=[("Content-Encoding", "gzip")]))
+    assert published_by(f.check)[1] == [] and "uncompressed" in f.error
+    f = longpoll.Feed(feeds.feed("/gz", gzip.compress(atom(numbered(1, 2))), headers=[("Content-Encoding", "gzip")]))
+    assert len(published_by(f.check)[1]) == 2 and f.ok
+
+
+def test_only_http_links_are_kept(feeds):
+    f = longpoll.Feed(feeds.feed("/links", atom([
+        ("urn:1", "js", "javascript:alert(document.cookie)", "s"),
+        ("urn:2", "data", "data:text/html,<script>alert(1)</script>", "s"),
+        ("urn:3", "mixed case", " JavaScript:alert(1)", "s"),
+        ("urn:4", "fine", "https://example.com/ok", "s")])))
+    entries = published_by(f.check)[1]
+    assert {e["title"]: e["link"] for e in entries} == {
+        "js": "", "data": "", "mixed case": "", "fine": "https://example.com/ok"}
+
+
+def test_redirects_are_followed_and_loops_fail(feeds):
+    feeds.feed("/real", atom(numbered(1, 1)))
+    feeds.status("/moved", "301 Moved Permanently", [("Location", feeds.url + "/real")])
+    f = longpoll.Feed(feeds.url + "/moved")
+    assert len(published_by(f.check)[1]) == 1 and f.ok
+    feeds.status("/loop", "302 Found", [("Location", feeds.url + "/loop")])
+    f = longpoll.Feed(feeds.url + "/loop")
+    published_by(f.check)
+    assert not f.ok and "redirect" in f.error
+
+
+def test_invalid_utf8_in_a_feed_still_yields_entries(feeds):
+    body = atom(numbered(1, 2)).replace(b"Summary 1", b"Summary \xff\xfe 1")
+    f = longpoll.Feed(feeds.feed("/latin", body, content_type="application/xml; charset=utf-8"))
+    assert len(published_by(f.check)[1]) == 2 and f.ok
+
+
+def test_a_feed_that_renews_every_id_is_a_bounded_burst(feeds):
+    f = longpoll.Feed(feeds.feed("/renew", atom(numbered(1, 500))))
+    published_by(f.check)
+    feeds.feed("/renew", atom([("new-" + i, t, link, s) for i, t, link, s in numbered(1, 500)]))
+    entries = published_by(f.check)[1]
+    assert len(entries) == longpoll.MAX_NEW_PER_FETCH
+    assert published_by(f.check)[1] == []        # and they are all remembered as seen
+
+
+def test_thousands_of_entries_in_one_fetch(feeds):
+    f = longpoll.Feed(feeds.feed("/many", atom(numbered(1, 3000))))
+    assert len(published_by(f.check)[1]) == longpoll.FIRST_FETCH_ENTRIES
+    feeds.feed("/many", atom(numbered(1, 3001)))
+    assert [e["title"] for e in published_by(f.check)[1]] == ["Entry 3001"]
+    assert len(f.seen) <= max(longpoll.SEEN_PER_FEED, 3001)
+
+
+def test_parsing_a_big_feed_does_not_stall_the_hub(feeds):
+    body = atom([(f"urn:{n}", f"Entry {n}", f"http://example.com/{n}", "<p>" + "text " * 150 + "</p>")
+                 for n in range(4000)])
+    assert len(body) > 3_000_000
+    f = longpoll.Feed(feeds.feed("/huge", body))
+    checking = eventlet.spawn(f.check)
+    gaps, last = [], time.monotonic()
+    while not checking.dead:
+        eventlet.sleep(0.01)
+        now = time.monotonic()
+        gaps.append(now - last)
+        last = now
+    assert f.ok and len(gaps) > 20
+    # In the hub, parsing would freeze it for the whole parse (seconds).
+    assert max(gaps) < 0.1, max(gaps)
+
+
+def test_feed_lists_from_text_and_opml():
+    text = "# my feeds\nhttp://a.example/feed  # news\n\n  https://b.example/rss\n"
+    assert longpoll.read_feed_list(text) == ["http://a.example/feed", "https://b.example/rss"]
+    opml = ("<?xml version='1.0'?><opml version='2.0'><body><outline text='Tech'>"
+            "<outline type='rss' text='A' xmlUrl='http://a.example/feed'/>"
+            "<outline type='rss' text='B' xmlUrl='https://b.example/rss'/></outline></body></opml>")
+    assert longpoll.read_feed_list(opml) == ["http://a.example/feed", "https://b.example/rss"]
+    assert longpoll.parse_args([]).feed == longpoll.DEFAULT_FEEDS
+
+
+def test_feed_stream_end_to_end_while_another_feed_hangs(feeds, start, tmp_path):
+    good = feeds.feed("/good.xml", rss([("g1", "<i>Hello</i>", "javascript:alert(1)", "first")]))
+    hung = feeds.hang("/hung.xml")
+    listing = tmp_path / "feeds.txt"
+    listing.write_text(f"# fixtures\n{good}\n{hung}\n")
+    srv = start("--feeds", str(listing), "--feed-interval", "1", "--fetch-timeout", "30", "--poll-timeout", "5")
+    first = srv.get("/feed/updates?cursor=0")
+    assert first.status == 200 and first.headers["Cache-Control"] == "no-store"
+    data = first.json()
+    if not data["entries"]:             # the fetch had not finished yet: this poll waits for it
+        data = srv.get("/feed/updates?cursor=0").json()
+    [entry] = data["entries"]
+    assert entry == {"id": 1, "feed": "Fixture RSS", "title": "Hello", "link": "",
+                     "summary": "first", "published": "2026-11-03T09:30:00Z"}
+    assert data["cursor"] == 1
+    status = srv.status()
+    by_url = {f["url"]: f for f in status["feeds"]}
+    assert by_url[good]["ok"] is True and by_url[good]["title"] == "Fixture RSS"
+    assert by_url[good]["entries"] == 1 and by_url[good]["error"] is None
+    assert by_url[hung]["ok"] is False and by_url[hung]["last_checked"] is None
+    # The hung feed holds its fetch, and the chat still answers.
+    assert srv.post({"body": "still here"}).status == 201
+    # A new entry in the good feed reaches a parked poll.
+    poll = spawn_poll(srv, "/feed/updates?cursor=1")
+    feeds.feed("/good.xml", rss([("g2", "Second", "http://example.com/2", ""),
+                                 ("g1", "<i>Hello</i>", "javascript:alert(1)", "first")]))
+    assert [e["title"] for e in poll.wait().json()["entries"]] == ["Second"]
+
+
+def test_feed_updates_reject_bad_cursors(server):
+    assert server.get("/feed/updates?cursor=-5").status == 400
