@@ -26,7 +26,6 @@ import eventlet
 eventlet.monkey_patch()
 
 import argparse
-import calendar
 import collections
 import email.utils
 import html.parser

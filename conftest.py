@@ -1,0 +1,196 @@
+"""What both test files share: the server under test, started as its own process,
+and a local feed server with fixture feeds. Standard library only: test_browser.py
+runs Playwright, which must not share a process with eventlet's monkey-patching."""
+
+import http.client
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from xml.sax.saxutils import escape, quoteattr
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+
+
+class Response:
+    def __init__(self, status, headers, body):
+        self.status, self.headers, self.body = status, headers, body
+
+    def json(self):
+        return json.loads(self.body)
+
+
+class Server:
+    """longpoll.py started as its own process on a free port."""
+
+    def __init__(self, *flags, feeds_file=None):
+        if not any(f.startswith("--feed") for f in flags):
+            flags += ("--feeds", os.devnull)     # no feeds: nothing leaves the machine
+        self.proc = subprocess.Popen(
+            [sys.executable, "longpoll.py", "--port", "0", *flags], cwd=HERE,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.banner = self.proc.stdout.readline()
+        match = re.search(r"http://([\d.]+):(\d+)/", self.banner)
+        if not match:
+            self.proc.kill()
+            raise RuntimeError(f"server did not start: {self.banner}{self.proc.stderr.read()}")
+        self.host, self.port = match[1], int(match[2])
+
+    def request(self, method, path, body=None, headers=None, timeout=15):
+        headers = dict(headers or {})
+        if isinstance(body, (dict, list)):
+            body = json.dumps(body)
+            headers.setdefault("Content-Type", "application/json")
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        try:
+            conn.request(method, path, body=body, headers=headers)
+            resp = conn.getresponse()
+            return Response(resp.status, resp.headers, resp.read())
+        finally:
+            conn.close()
+
+    def get(self, path, **kw):
+        return self.request("GET", path, **kw)
+
+    def post(self, message, **kw):
+        return self.request("POST", "/chat/messages", body=message, **kw)
+
+    def status(self):
+        return self.get("/status").json()
+
+    def wait_for(self, predicate, timeout=10):
+        """Poll /status until predicate(status) holds; return that status."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.status()
+            if predicate(status):
+                return status
+            assert time.monotonic() < deadline, f"never true; last status: {status}"
+            time.sleep(0.05)
+
+    def stop(self):
+        """SIGTERM, then the server's stderr."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        _, err = self.proc.communicate(timeout=15)
+        return err
+
+
+@pytest.fixture
+def start():
+    started = []
+
+    def start_server(*flags):
+        started.append(Server(*flags))
+        return started[-1]
+    yield start_server
+    for srv in started:
+        srv.stop()
+
+
+def atom(entries, title="Fixture Atom"):
+    """An Atom document; entries are (id, title, link, summary) tuples, newest first."""
+    body = "".join(
+        f"<entry><id>{escape(i)}</id><title type='html'>{escape(t)}</title>"
+        f"<link href={quoteattr(link)}/><updated>2026-11-{n % 28 + 1:02d}T10:00:00Z</updated>"
+        f"<summary type='html'>{escape(s)}</summary></entry>"
+        for n, (i, t, link, s) in enumerate(entries))
+    return (f"<?xml version='1.0' encoding='utf-8'?><feed xmlns='http://www.w3.org/2005/Atom'>"
+            f"<title>{escape(title)}</title><id>urn:fixture</id>"
+            f"<updated>2026-11-28T10:00:00Z</updated>{body}</feed>").encode()
+
+
+def rss(items, title="Fixture RSS"):
+    body = "".join(
+        f"<item><guid>{escape(i)}</guid><title>{escape(t)}</title><link>{escape(link)}</link>"
+        f"<description>{escape(s)}</description><pubDate>Tue, 03 Nov 2026 09:30:00 GMT</pubDate></item>"
+        for i, t, link, s in items)
+    return (f"<?xml version='1.0' encoding='utf-8'?><rss version='2.0'><channel>"
+            f"<title>{escape(title)}</title><link>http://example.com/</link>{body}</channel></rss>").encode()
+
+
+def numbered(first, last):
+    """Entries first..last as (id, title, link, summary), newest first, as feeds list them."""
+    return [(f"urn:e{n}", f"Entry {n}", f"http://example.com/{n}", f"Summary {n}")
+            for n in range(last, first - 1, -1)]
+
+
+class FeedServer:
+    """Fixture feeds on a free loopback port; each path maps to a handler."""
+
+    def __init__(self):
+        import http.server  # here, not above: after test_longpoll's import of longpoll patched select
+        self.routes, self.requests = {}, []
+        self.release = threading.Event()        # set at close to end hung answers
+        feeds = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):
+                feeds.requests.append(self.headers)
+                handler = feeds.routes.get(self.path, lambda: (404, [], b""))
+                status, headers, body = handler()
+                self.send_response(status)
+                for name, value in headers:
+                    self.send_header(name, value)
+                if isinstance(body, bytes):
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                else:                           # an iterable of chunks, sent as they come
+                    self.send_header("Connection", "close")
+                    self.end_headers()
+                    for chunk in body:
+                        self.wfile.write(chunk)
+                        self.wfile.flush()
+                    self.close_connection = True
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = "http://127.0.0.1:%d" % self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
+
+    def feed(self, path, body, etag=None, content_type="application/xml", headers=()):
+        def handler():
+            if etag and self.requests[-1].get("If-None-Match") == etag:
+                return 304, [("ETag", etag)], b""
+            extra = [("ETag", etag)] if etag else []
+            return 200, [("Content-Type", content_type), *extra, *headers], body
+        self.routes[path] = handler
+        return self.url + path
+
+    def status(self, path, status, headers=()):
+        self.routes[path] = lambda: (status, list(headers), b"nope")
+        return self.url + path
+
+    def hang(self, path):
+        def handler():
+            self.release.wait()
+            return 200, [], b""
+        self.routes[path] = handler
+        return self.url + path
+
+    def drip(self, path, body):
+        def dripping():
+            for byte in body:
+                if self.release.wait(0.1):
+                    return
+                yield bytes([byte])
+        self.routes[path] = lambda: (200, [("Content-Type", "application/xml")], dripping())
+        return self.url + path
+
+    def close(self):
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
