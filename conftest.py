@@ -65,6 +65,10 @@ class Server:
     def status(self):
         return self.get("/status").json()
 
+    def cursor(self, stream="chat"):
+        """The cursor that makes a poll of this stream wait for the next item."""
+        return self.status()["streams"][stream]["last_id"]
+
     def wait_for(self, predicate, timeout=10):
         """Poll /status until predicate(status) holds; return that status."""
         deadline = time.monotonic() + timeout

@@ -159,10 +159,13 @@ settings = parse_args([])       # main() replaces these with the command line's
 class Stream:
     """A bounded history of items with consecutive ids, and the clients waiting for the next."""
 
-    def __init__(self, key, history):
+    def __init__(self, key, history, first_id=None):
         self.key = key                  # the list's name in a response: "messages" or "entries"
         self.items = collections.deque(maxlen=history)
-        self.last_id = 0                # ids run 1, 2, 3 ... within one process
+        # Ids count up from the clock in microseconds, so a restarted server's
+        # ids are all above any cursor from the one before: a returning browser
+        # is told of a gap instead of silently skipping what it missed.
+        self.last_id = (time.time_ns() // 1000 if first_id is None else first_id) - 1
         self.event = eventlet.Event()
         self.waiting = 0
         self.closed = False

@@ -55,7 +55,7 @@ def spawn_poll(srv, path, **kw):
 
 
 def test_publish_wakes_every_waiter():
-    stream = longpoll.Stream("messages", 10)
+    stream = longpoll.Stream("messages", 10, first_id=1)
     waiters = [eventlet.spawn(stream.wait, 0, 5) for _ in range(3)]
     eventlet.sleep(0)
     assert stream.waiting == 3
@@ -68,7 +68,7 @@ def test_publish_wakes_every_waiter():
 
 def test_each_publish_wakes_its_own_waiters():
     # An eventlet Event fires once; the second publish must wake the second round.
-    stream = longpoll.Stream("messages", 10)
+    stream = longpoll.Stream("messages", 10, first_id=1)
     for n in (1, 2, 3):
         waiter = eventlet.spawn(stream.wait, n - 1, 5)
         eventlet.sleep(0)
@@ -77,7 +77,7 @@ def test_each_publish_wakes_its_own_waiters():
 
 
 def test_publish_between_look_and_wait_is_not_lost(monkeypatch):
-    stream = longpoll.Stream("messages", 10)
+    stream = longpoll.Stream("messages", 10, first_id=1)
     look = stream.since
 
     def look_then_someone_posts(cursor):
@@ -92,14 +92,14 @@ def test_publish_between_look_and_wait_is_not_lost(monkeypatch):
 
 
 def test_wait_times_out_empty_at_the_same_cursor():
-    stream = longpoll.Stream("messages", 10)
+    stream = longpoll.Stream("messages", 10, first_id=1)
     stream.publish(body="old")
     assert stream.wait(1, timeout=0.05) == ([], 1, False)
     assert stream.waiting == 0
 
 
 def test_history_is_bounded_and_a_stale_cursor_reports_a_gap():
-    stream = longpoll.Stream("messages", 3)
+    stream = longpoll.Stream("messages", 3, first_id=1)
     for n in range(1, 8):
         stream.publish(n=n)
     assert [i["id"] for i in stream.items] == [5, 6, 7]
@@ -111,14 +111,14 @@ def test_history_is_bounded_and_a_stale_cursor_reports_a_gap():
 
 
 def test_cursor_from_before_a_restart_gets_history_at_once():
-    stream = longpoll.Stream("messages", 10)
+    stream = longpoll.Stream("messages", 10, first_id=1)
     stream.publish(body="a")
     items, cursor, gap = stream.wait(500, timeout=5)
     assert [i["id"] for i in items] == [1] and cursor == 1 and not gap
 
 
 def test_close_answers_parked_and_later_polls_at_once():
-    stream = longpoll.Stream("messages", 10)
+    stream = longpoll.Stream("messages", 10, first_id=1)
     waiter = eventlet.spawn(stream.wait, 0, 30)
     eventlet.sleep(0)
     stream.close()
@@ -134,7 +134,7 @@ def test_close_answers_parked_and_later_polls_at_once():
            st.tuples(st.just("wait"), st.integers(0, 2)),
            st.tuples(st.just("jump"), st.integers(0, 2), st.integers(0, 40))), max_size=40))
 def test_every_client_sees_every_item_once_in_order_unless_told_of_a_gap(history, ops):
-    stream = longpoll.Stream("messages", history)
+    stream = longpoll.Stream("messages", history, first_id=1)
     cursors = [0, 0, 0]
     seen = [[], [], []]
     waiters = []
@@ -257,20 +257,30 @@ def test_a_waiting_poll_is_answered_when_a_message_is_posted(server):
 
 def test_a_poll_with_nothing_new_times_out_empty(start):
     srv = start("--poll-timeout", "0.3")
-    srv.post({"body": "x"})
-    assert srv.get("/chat/updates?cursor=1").json() == {"messages": [], "cursor": 1}
+    cursor = srv.post({"body": "x"}).json()["id"]
+    assert srv.get(f"/chat/updates?cursor={cursor}").json() == {"messages": [], "cursor": cursor}
 
 
 def test_stale_cursor_reports_gap_and_future_cursor_resets(start):
     srv = start("--history", "3", "--poll-timeout", "5")
-    for n in range(5):
-        srv.post({"body": f"m{n}"})
-    data = srv.get("/chat/updates?cursor=0").json()
-    assert [m["id"] for m in data["messages"]] == [3, 4, 5] and data["gap"] is True
-    assert "gap" not in srv.get("/chat/updates?cursor=3").json()
-    # A cursor from before a restart: answered at once with the history.
-    data = srv.get("/chat/updates?cursor=99999", timeout=3).json()
-    assert [m["id"] for m in data["messages"]] == [3, 4, 5] and data["cursor"] == 5
+    ids = [srv.post({"body": f"m{n}"}).json()["id"] for n in range(5)]
+    assert ids == list(range(ids[0], ids[0] + 5))       # consecutive
+    data = srv.get(f"/chat/updates?cursor={ids[0]}").json()
+    assert [m["id"] for m in data["messages"]] == ids[2:] and data["gap"] is True
+    assert "gap" not in srv.get(f"/chat/updates?cursor={ids[1]}").json()
+    # A cursor this server never issued: answered at once with the history.
+    data = srv.get(f"/chat/updates?cursor={ids[-1] + 1000}", timeout=3).json()
+    assert [m["id"] for m in data["messages"]] == ids[2:] and data["cursor"] == ids[-1]
+
+
+def test_a_restarted_server_issues_ids_above_the_old_ones(start):
+    old = start()
+    last = old.post({"body": "before"}).json()["id"]
+    old.stop()
+    new = start()
+    assert new.cursor() > last
+    data = new.get(f"/chat/updates?cursor={last}", timeout=3).json()   # at once, not a wait
+    assert data["gap"] is True and data["cursor"] == new.cursor()
 
 
 def test_status_counts_parked_polls(server):
@@ -359,7 +369,7 @@ def test_unknown_path_is_404_json_or_a_page(server):
 def test_more_than_1024_parked_polls_and_the_post_still_gets_in(start):
     srv = start("--poll-timeout", "30")
     n = 1100
-    polls = [spawn_poll(srv, "/chat/updates?cursor=0", timeout=60) for _ in range(n)]
+    polls = [spawn_poll(srv, f"/chat/updates?cursor={srv.cursor()}", timeout=60) for _ in range(n)]
     srv.wait_for(lambda s: s["waiting"] == n, timeout=30)
     posted = srv.post({"body": "to all"}, timeout=5)
     assert posted.status == 201
@@ -368,10 +378,10 @@ def test_more_than_1024_parked_polls_and_the_post_still_gets_in(start):
 
 def test_abandoned_polls_are_freed_at_the_poll_timeout(start):
     srv = start("--poll-timeout", "1")
-    socks = []
+    socks, cursor = [], srv.cursor()
     for _ in range(20):
         sock = socket.create_connection((srv.host, srv.port))
-        sock.sendall(b"GET /chat/updates?cursor=0 HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.sendall(b"GET /chat/updates?cursor=%d HTTP/1.1\r\nHost: x\r\n\r\n" % cursor)
         socks.append(sock)
     srv.wait_for(lambda s: s["waiting"] == 20)
     for sock in socks:
@@ -381,7 +391,7 @@ def test_abandoned_polls_are_freed_at_the_poll_timeout(start):
 
 def test_sigterm_answers_parked_polls_and_exits(start):
     srv = start("--poll-timeout", "60")
-    polls = [spawn_poll(srv, "/chat/updates?cursor=0", timeout=30) for _ in range(50)]
+    polls = [spawn_poll(srv, f"/chat/updates?cursor={srv.cursor()}", timeout=30) for _ in range(50)]
     srv.wait_for(lambda s: s["waiting"] == 50)
     srv.proc.send_signal(signal.SIGTERM)
     assert srv.proc.wait(timeout=5) == 0
@@ -390,7 +400,8 @@ def test_sigterm_answers_parked_polls_and_exits(start):
 
 def test_ctrl_c_exits_cleanly_with_many_polls_parked(start):
     srv = start("--poll-timeout", "60")
-    polls = [spawn_poll(srv, "/chat/updates?cursor=0", timeout=30) for _ in range(1500)]
+    cursor = srv.cursor()
+    polls = [spawn_poll(srv, f"/chat/updates?cursor={cursor}", timeout=30) for _ in range(1500)]
     srv.wait_for(lambda s: s["waiting"] == 1500, timeout=30)
     srv.proc.send_signal(signal.SIGINT)
     assert srv.proc.wait(timeout=5) == 0
@@ -641,15 +652,15 @@ def test_feed_stream_end_to_end_while_another_feed_hangs(feeds, start, tmp_path)
     listing = tmp_path / "feeds.txt"
     listing.write_text(f"# fixtures\n{good}\n{hung}\n")
     srv = start("--feeds", str(listing), "--feed-interval", "1", "--fetch-timeout", "30", "--poll-timeout", "5")
-    first = srv.get("/feed/updates?cursor=0")
+    first = srv.get("/feed/updates")
     assert first.status == 200 and first.headers["Cache-Control"] == "no-store"
     data = first.json()
     if not data["entries"]:             # the fetch had not finished yet: this poll waits for it
-        data = srv.get("/feed/updates?cursor=0").json()
+        data = srv.get(f"/feed/updates?cursor={data['cursor']}").json()
     [entry] = data["entries"]
-    assert entry == {"id": 1, "feed": "Fixture RSS", "title": "Hello", "link": "",
+    assert entry == {"id": entry["id"], "feed": "Fixture RSS", "title": "Hello", "link": "",
                      "summary": "first", "published": "2026-11-03T09:30:00Z"}
-    assert data["cursor"] == 1
+    assert data["cursor"] == entry["id"]
     status = srv.status()
     by_url = {f["url"]: f for f in status["feeds"]}
     assert by_url[good]["ok"] is True and by_url[good]["title"] == "Fixture RSS"
@@ -658,7 +669,7 @@ def test_feed_stream_end_to_end_while_another_feed_hangs(feeds, start, tmp_path)
     # The hung feed holds its fetch, and the chat still answers.
     assert srv.post({"body": "still here"}).status == 201
     # A new entry in the good feed reaches a parked poll.
-    poll = spawn_poll(srv, "/feed/updates?cursor=1")
+    poll = spawn_poll(srv, f"/feed/updates?cursor={entry['id']}")
     feeds.feed("/good.xml", rss([("g2", "Second", "http://example.com/2", ""),
                                  ("g1", "<i>Hello</i>", "javascript:alert(1)", "first")]))
     assert [e["title"] for e in poll.wait().json()["entries"]] == ["Second"]
