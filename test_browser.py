@@ -1,0 +1,269 @@
+"""Both pages in a real browser: headless Chromium driven by Playwright, against
+the real server on a free port and a local feed server.
+
+Run with: python -m pytest test_browser.py (a process of its own: Playwright and
+eventlet's monkey-patching in test_longpoll.py do not mix).
+"""
+
+import os
+import re
+import shutil
+from xml.sax.saxutils import escape
+from pathlib import Path
+
+import pytest
+
+from conftest import FeedServer, atom, numbered
+
+HERE = Path(__file__).resolve().parent
+SHOTS = HERE / "docs"
+HOSTILE = [
+    '<img src=x onerror="window.pwned=1">',
+    "<script>window.pwned=2</script>",
+    "javascript:window.pwned=3",
+    '"><svg onload="window.pwned=4">',
+]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError as e:
+        missing(f"Playwright is not installed ({e})")
+    with sync_playwright() as p:
+        system = shutil.which("chromium") or shutil.which("chromium-browser")
+        try:
+            browser = p.chromium.launch(executable_path=system, args=[
+                "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run"])
+        except Exception as e:          # no system Chromium and none installed by Playwright
+            missing(f"no Chromium to run: {str(e).splitlines()[0]}")
+        yield browser
+        browser.close()
+
+
+def missing(reason):
+    # Locally a missing browser skips; in CI it must fail, never pass silently.
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"browser tests cannot run in CI: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def open_page(browser):
+    """Open a page in a fresh browser context; uncaught JavaScript errors fail the test."""
+    contexts, errors = [], []
+
+    def opener(url, **context_options):
+        context = browser.new_context(**context_options)
+        contexts.append(context)
+        page = context.new_page()
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(url)
+        return page
+    yield opener
+    for context in contexts:
+        context.close()
+    assert errors == [], errors
+
+
+@pytest.fixture
+def chat_server(start):
+    return start("--poll-timeout", "5", "--post-burst", "1000")
+
+
+def send(page, text):
+    page.fill("#body", text)
+    page.press("#body", "Enter")
+
+
+def test_chat_between_two_windows(chat_server, open_page):
+    from playwright.sync_api import expect
+    url = f"http://{chat_server.host}:{chat_server.port}/"
+    alice, bob = open_page(url), open_page(url)
+    expect(bob.locator("#state")).to_have_text("Live")
+    alice.fill("#nick", "alice")
+    send(alice, "hello bob, see https://example.com/x.")
+    expect(alice.locator("#body")).to_have_value("")
+    message = bob.locator("#messages .message").last
+    expect(message).to_contain_text("hello bob", timeout=1500)
+    expect(message.locator(".nick")).to_have_text("alice")
+    expect(message.locator(".time")).to_have_text(re.compile(r"\d{1,2}:\d{2}"))
+    link = message.locator("a")
+    expect(link).to_have_attribute("href", "https://example.com/x")
+    assert message.locator(".text").inner_text() == "hello bob, see https://example.com/x."
+    expect(alice.locator("#messages .message")).to_have_count(1)
+
+
+def test_hostile_text_is_shown_literally_and_runs_nothing(chat_server, open_page):
+    from playwright.sync_api import expect
+    page = open_page(f"http://{chat_server.host}:{chat_server.port}/")
+    page.fill("#nick", "<b>mallory</b>")
+    for text in HOSTILE:
+        send(page, text)
+        expect(page.locator("#messages .message").last.locator(".text")).to_have_text(text)
+    texts = page.locator("#messages .text").all_inner_texts()
+    assert texts == HOSTILE
+    assert page.locator("#messages .nick").first.inner_text() == "<b>mallory</b>"
+    assert page.locator("#messages img, #messages script, #messages svg, #messages b").count() == 0
+    assert page.locator("#messages a").count() == 0       # javascript: never becomes a link
+    assert page.evaluate("window.pwned") is None
+
+
+def test_nick_survives_a_reload_and_history_is_shown(chat_server, open_page):
+    from playwright.sync_api import expect
+    page = open_page(f"http://{chat_server.host}:{chat_server.port}/")
+    page.fill("#nick", "grace")
+    send(page, "first")
+    send(page, "second")
+    expect(page.locator("#messages .message")).to_have_count(2)
+    page.reload()
+    expect(page.locator("#nick")).to_have_value("grace")
+    expect(page.locator("#messages .text")).to_have_text(["first", "second"])
+
+
+def test_a_rejected_message_shows_why_and_stays_in_the_box(chat_server, open_page):
+    from playwright.sync_api import expect
+    page = open_page(f"http://{chat_server.host}:{chat_server.port}/")
+    send(page, "bell \x07 character")
+    expect(page.locator("#notice")).to_have_text("Not sent: body contains control characters.")
+    expect(page.locator("#body")).to_have_value("bell \x07 character")
+    expect(page.locator("#messages .message")).to_have_count(0)
+
+
+def test_the_page_reconnects_after_a_server_restart(start, open_page):
+    from playwright.sync_api import expect
+    first = start("--poll-timeout", "5")
+    port = first.port
+    page = open_page(f"http://127.0.0.1:{port}/")
+    send(page, "before the restart")
+    expect(page.locator("#messages .message")).to_have_count(1)
+    first.stop()
+    expect(page.locator("#state")).to_have_attribute("data-state", "reconnecting")
+    expect(page.locator("#state")).to_have_text("Reconnecting…")
+    second = start("--poll-timeout", "5", "--port", str(port))
+    second.post({"nick": "server", "body": "posted before the page is back"})
+    expect(page.locator("#state")).to_have_text("Live", timeout=20000)
+    second.post({"nick": "server", "body": "after the restart"})
+    expect(page.locator("#messages .text")).to_have_text(
+        ["before the restart", "posted before the page is back", "after the restart"], timeout=5000)
+
+
+# Titles that are markup-looking text (escaped once more, as a feed would send
+# text), summaries that are real markup (which the server strips), and javascript: links.
+HOSTILE_ENTRIES = [(f"urn:h{n}", escape(text), "javascript:window.pwned=9", text + " summary")
+                   for n, text in enumerate(HOSTILE)]
+
+
+@pytest.fixture
+def feed_setup(start, tmp_path):
+    feeds = FeedServer()
+    feeds.feed("/a.xml", atom(HOSTILE_ENTRIES + numbered(1, 1), title="Fixture Atom"))
+    feeds.status("/broken.xml", 500)
+    listing = tmp_path / "feeds.txt"
+    listing.write_text(f"{feeds.url}/a.xml\n{feeds.url}/broken.xml\n")
+    try:
+        yield start("--feeds", str(listing), "--feed-interval", "1", "--poll-timeout", "5"), feeds
+    finally:
+        feeds.close()
+
+
+# Records when each entry joins the stream, and how many join at once.
+RECORD_ARRIVALS = """
+window.arrivals = [];
+document.addEventListener("DOMContentLoaded", () => {
+  new MutationObserver(records => {
+    const added = records.reduce((n, r) => n + r.addedNodes.length, 0);
+    if (added) window.arrivals.push({at: performance.now(), added});
+  }).observe(document.getElementById("entries"), {childList: true});
+});
+"""
+
+
+def test_feed_entries_flow_one_by_one_and_hover_pauses(feed_setup, browser):
+    from playwright.sync_api import expect
+    srv, feeds = feed_setup
+    context = browser.new_context()
+    context.add_init_script(RECORD_ARRIVALS)
+    errors = []
+    page = context.new_page()
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(f"http://{srv.host}:{srv.port}/feed?pace=400")
+    entries = page.locator("#entries .entry")
+    expect(entries).to_have_count(5, timeout=10000)
+    arrivals = page.evaluate("window.arrivals")
+    assert [a["added"] for a in arrivals] == [1] * 5            # one at a time
+    gaps = [b["at"] - a["at"] for a, b in zip(arrivals, arrivals[1:])]
+    assert all(300 < gap < 800 for gap in gaps), gaps          # at a steady pace
+    expect(page.locator("#feeds")).to_contain_text("HTTP 500")  # the broken feed, and why
+    # Hostile titles and summaries are text, and their javascript: links are not links.
+    assert page.locator("#entries .title").all_inner_texts() == HOSTILE + ["Entry 1"]
+    assert page.locator("#entries a[href^='javascript']").count() == 0
+    assert page.locator("#entries img, #entries script, #entries svg").count() == 0
+    assert page.evaluate("window.pwned") is None
+    # Hover: the stream freezes while new entries keep filling the queue.
+    page.hover("#entries")
+    expect(page.locator("#pace")).to_have_text("Paused")
+    feeds.feed("/a.xml", atom(numbered(1, 8) + HOSTILE_ENTRIES, title="Fixture Atom"))
+    expect(page.locator("#waiting")).to_have_text("7 waiting", timeout=10000)
+    page.wait_for_timeout(1200)                 # three steps' worth of time, paused
+    expect(entries).to_have_count(5)
+    page.mouse.move(0, 0)
+    expect(page.locator("#pace")).to_have_text("Live")
+    expect(page.locator("#waiting")).to_have_text("0 waiting", timeout=5000)
+    expect(page.locator("#entries .title").first).to_have_text("Entry 8")
+    context.close()
+    assert errors == [], errors
+
+
+def test_feed_page_never_scrolls(feed_setup, open_page):
+    from playwright.sync_api import expect
+    srv, feeds = feed_setup
+    page = open_page(f"http://{srv.host}:{srv.port}/feed?pace=20", viewport={"width": 1280, "height": 800})
+    expect(page.locator("#entries .entry").first).to_be_visible(timeout=5000)
+    # Hundreds of new entries, a few dozen per fetch.
+    for first in range(2, 302, 30):
+        feeds.feed("/a.xml", atom(numbered(first, first + 29), title="Fixture Atom"))
+        expect(page.locator("#entries .title").first).to_have_text(f"Entry {first + 29}", timeout=15000)
+    sizes = page.evaluate("""() => ({
+        scroll: document.scrollingElement.scrollHeight, view: innerHeight,
+        shown: document.querySelectorAll('#entries .entry').length})""")
+    assert sizes["scroll"] <= sizes["view"], sizes
+    assert 3 <= sizes["shown"] < 40, sizes          # old entries were dropped
+
+
+def test_both_pages_fit_desktop_and_phone_and_are_photographed(feed_setup, open_page):
+    """Each page fits its viewport without sideways scrolling; the screenshots go in docs/ for the README."""
+    from playwright.sync_api import expect
+    srv, feeds = feed_setup
+    feeds.feed("/a.xml", atom([
+        (f"urn:s{n}", title, f"https://example.com/{n}", summary) for n, (title, summary) in enumerate([
+            ("Green threads explained in five minutes", "Why a parked request costs kilobytes, not a thread."),
+            ("Long polling versus WebSockets", "Plain HTTP works through every proxy; here is what it costs."),
+            ("Feed parsing without freezing the server", "Moving CPU-bound work off the hub."),
+            ("A chat room in one small file", "Bottle, eventlet and one Event per stream."),
+            ("Backoff with jitter", "How a thousand browsers come back after a restart without a stampede."),
+        ])], title="Engineering notes"))
+    srv.post({"nick": "ada", "body": "Has anyone tried the feed page? It never scrolls."})
+    srv.post({"nick": "grace", "body": "Yes, hover over it and it pauses. Docs: https://example.com/longpoll"})
+    srv.post({"nick": "linus", "body": "<script>alert('hi')</script> shows up as plain text, as it should."})
+    for name, size in (("desktop", {"width": 1280, "height": 720}), ("phone", {"width": 390, "height": 760})):
+        chat = open_page(f"http://{srv.host}:{srv.port}/", viewport=size)
+        chat.fill("#nick", "ada")
+        expect(chat.locator("#messages .message")).to_have_count(3)
+        fits(chat, "#compose")
+        chat.screenshot(path=SHOTS / f"chat-{name}.png")
+        feed = open_page(f"http://{srv.host}:{srv.port}/feed?pace=100", viewport=size)
+        expect(feed.locator("#entries .entry")).to_have_count(5, timeout=10000)
+        expect(feed.locator("#feeds")).to_contain_text("HTTP 500")
+        feed.wait_for_timeout(600)                 # let the last entry's fade-in finish
+        fits(feed, "#stream")
+        feed.screenshot(path=SHOTS / f"feed-{name}.png")
+
+
+def fits(page, selector):
+    box = page.locator(selector).bounding_box()
+    width, height = page.viewport_size["width"], page.viewport_size["height"]
+    assert 0 <= box["x"] and box["x"] + box["width"] <= width and box["y"] + box["height"] <= height, box
+    assert page.evaluate("document.scrollingElement.scrollWidth") <= width
