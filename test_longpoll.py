@@ -7,6 +7,7 @@ Run with: python -m pytest test_longpoll.py
 import longpoll  # first: it monkey-patches before anything imports socket or threading
 
 import gzip
+import http.client
 import json
 import os
 import re
@@ -677,3 +678,124 @@ def test_feed_stream_end_to_end_while_another_feed_hangs(feeds, start, tmp_path)
 
 def test_feed_updates_reject_bad_cursors(server):
     assert server.get("/feed/updates?cursor=-5").status == 400
+
+
+# -- Reliability and abuse -----------------------------------------------------
+
+
+def test_a_retried_client_id_posts_once(server):
+    before = server.cursor()
+    first = server.post({"nick": "a", "body": "once", "client_id": "c-123"})
+    again = server.post({"nick": "a", "body": "once", "client_id": "c-123"})
+    assert first.status == 201 and again.status == 200
+    assert again.json() == first.json()
+    assert server.cursor() == before + 1
+    other = server.post({"nick": "a", "body": "once", "client_id": "c-124"})
+    assert other.status == 201 and other.json()["id"] == before + 2
+
+
+def test_a_fast_typist_passes_and_a_flood_is_refused(start):
+    srv = start()                       # the default limits
+    fast = [srv.post({"body": f"quick {n}"}) for n in range(5)]
+    assert [r.status for r in fast] == [201] * 5
+    before = srv.cursor()
+    flood = [srv.post({"body": "spam"}) for _ in range(40)]
+    refused = [r for r in flood if r.status == 429]
+    assert len(refused) >= 30
+    assert int(refused[0].headers["Retry-After"]) >= 1 and "too many" in refused[0].json()["error"]
+    assert srv.cursor() == before + (40 - len(refused))     # refused posts changed nothing
+
+
+def post_from(srv, address, message, headers=None):
+    """POST from another loopback address (the whole 127/8 block is this machine)."""
+    conn = http.client.HTTPConnection(srv.host, srv.port, timeout=10, source_address=(address, 0))
+    try:
+        conn.request("POST", "/chat/messages", json.dumps(message),
+                     {"Content-Type": "application/json", **(headers or {})})
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+def test_a_flood_from_one_address_does_not_hold_back_the_others(start):
+    srv = start("--post-burst", "5", "--post-rate", "0.5")
+    cursor = srv.cursor()
+    flood = [eventlet.spawn(post_from, srv, "127.0.0.2", {"body": "spam"}) for _ in range(300)]
+    eventlet.sleep(0)
+    assert post_from(srv, "127.0.0.3", {"body": "hello"}) == 201
+    statuses = [f.wait() for f in flood]
+    assert statuses.count(201) <= 6 and statuses.count(429) == 300 - statuses.count(201)
+    bodies = [m["body"] for m in srv.get(f"/chat/updates?cursor={cursor}").json()["messages"]]
+    assert bodies.count("hello") == 1 and bodies.count("spam") == statuses.count(201)
+
+
+def test_forwarded_for_counts_only_from_a_trusted_proxy(start):
+    spoofed = start("--post-burst", "2", "--post-rate", "0.01")
+    statuses = [post_from(spoofed, "127.0.0.4", {"body": "x"}, {"X-Forwarded-For": f"10.0.0.{n}"})
+                for n in range(5)]
+    assert statuses == [201, 201, 429, 429, 429]        # a client cannot pick its own address
+    proxied = start("--post-burst", "2", "--post-rate", "0.01", "--trusted-proxy", "127.0.0.5")
+    via_proxy = [post_from(proxied, "127.0.0.5", {"body": "x"}, {"X-Forwarded-For": f"6.6.6.6, 10.0.0.{n}"})
+                 for n in range(5)]
+    assert via_proxy == [201] * 5                        # each client its own allowance
+    same_client = [post_from(proxied, "127.0.0.5", {"body": "x"}, {"X-Forwarded-For": "10.9.9.9"})
+                   for _ in range(3)]
+    assert same_client == [201, 201, 429]
+
+
+def test_poll_answers_tell_proxies_not_to_buffer(server):
+    assert server.get("/chat/updates").headers["X-Accel-Buffering"] == "no"
+    assert server.get("/feed/updates").headers["X-Accel-Buffering"] == "no"
+
+
+def test_silent_and_slow_clients_are_dropped_and_hold_nobody_back(start):
+    srv = start("--client-timeout", "1")
+    silent = [socket.create_connection((srv.host, srv.port)) for _ in range(50)]
+    slow = [socket.create_connection((srv.host, srv.port)) for _ in range(50)]
+    for sock in slow:
+        sock.sendall(b"GET /chat/upd")             # and never the rest
+    assert srv.get("/status").status == 200         # others are served meanwhile
+    for sock in silent + slow:
+        sock.settimeout(10)
+        assert sock.recv(100) == b""                # the server hung up on it
+        sock.close()
+
+
+def test_a_client_that_stops_reading_does_not_block_a_broadcast(start):
+    srv = start("--post-burst", "1000", "--post-rate", "1000")
+    for n in range(200):
+        srv.post({"body": f"{n:04d} " + "x" * 1990})    # about 400 KB of history
+    stuck = socket.socket()
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stuck.connect((srv.host, srv.port))
+    stuck.sendall(b"GET /chat/updates HTTP/1.1\r\nHost: x\r\n\r\n")     # and never reads
+    poll = spawn_poll(srv, f"/chat/updates?cursor={srv.cursor()}", timeout=10)
+    srv.wait_for(lambda s: s["streams"]["chat"]["waiting"] == 1)
+    posted = srv.post({"body": "past the stuck one"}).json()
+    assert poll.wait().json()["messages"] == [posted]
+    stuck.close()
+
+
+def rss_of(srv):
+    with open(f"/proc/{srv.proc.pid}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_thousands_of_abandoned_polls_cost_nothing_after_the_timeout(start):
+    srv = start("--poll-timeout", "8")
+    rss = []
+    for wave in range(3):
+        cursor = srv.cursor()
+        socks = []
+        for _ in range(5000):
+            sock = socket.create_connection((srv.host, srv.port))
+            sock.sendall(b"GET /chat/updates?cursor=%d HTTP/1.1\r\nHost: x\r\n\r\n" % cursor)
+            socks.append(sock)
+        srv.wait_for(lambda s: s["waiting"] == 5000, timeout=60)
+        for sock in socks:
+            sock.close()                        # gone without a word
+        srv.wait_for(lambda s: s["waiting"] == 0, timeout=30)
+        rss.append(rss_of(srv))
+    # Python keeps freed memory for reuse, so the first wave sets the level;
+    # later waves must not add to it.
+    assert rss[2] <= rss[0] * 1.05, rss

@@ -1,0 +1,340 @@
+#!/usr/bin/env python3
+"""Benchmark of longpoll.py: fan-out to N parked clients, memory per client,
+throughput, and the feed poller at scale.
+
+It starts longpoll.py as a separate process on a free port and drives it from
+this process over loopback: one epoll loop holds every client connection, so
+the load generator stays cheap next to the server. Standard library only.
+
+    python bench.py                       # the full run, as in the README
+    python bench.py --clients 1000 --rounds 2 --skip-feeds   # a quick look
+    python bench.py --json bench.json     # also write the figures as JSON
+"""
+
+import argparse
+import http.client
+import http.server
+import json
+import os
+import re
+import resource
+import selectors
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PAGE = os.sysconf("SC_PAGE_SIZE")
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+class App:
+    """longpoll.py in its own process."""
+
+    def __init__(self, *flags):
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE / "longpoll.py"), "--port", "0", *flags],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        match = re.search(r"http://([\d.]+):(\d+)/", self.proc.stdout.readline())
+        if not match:
+            raise SystemExit(f"longpoll.py did not start: {self.proc.stderr.read()}")
+        self.host, self.port = match[1], int(match[2])
+
+    def request(self, method, path, body=None):
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=60)
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        conn.request(method, path, body=body and json.dumps(body), headers=headers)
+        resp = conn.getresponse()
+        data = json.loads(resp.read())
+        conn.close()
+        return resp.status, data
+
+    def status(self):
+        return self.request("GET", "/status")[1]
+
+    def rss(self):
+        """Resident memory, bytes."""
+        with open(f"/proc/{self.proc.pid}/statm") as f:
+            return int(f.read().split()[1]) * PAGE
+
+    def cpu(self):
+        """User + system CPU seconds so far."""
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICKS
+
+    def wait_until(self, predicate, timeout, what):
+        deadline = time.monotonic() + timeout
+        while not predicate(self.status()):
+            if time.monotonic() > deadline:
+                raise SystemExit(f"timed out waiting for {what}: {self.status()}")
+            time.sleep(0.05)
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+class Client:
+    """One keep-alive connection that long-polls; buffers until a whole response is in."""
+
+    __slots__ = ("sock", "buf", "cursor", "answered_at", "body")
+
+    def __init__(self, sock):
+        self.sock, self.buf, self.cursor, self.answered_at, self.body = sock, b"", None, None, None
+
+    def poll(self, path, cursor):
+        self.cursor = cursor
+        self.sock.send(b"GET %s?cursor=%d HTTP/1.1\r\nHost: bench\r\n\r\n" % (path, cursor))
+
+    def feed(self, data):
+        """Add received bytes; return True when a whole response has arrived."""
+        self.buf += data
+        head, sep, rest = self.buf.partition(b"\r\n\r\n")
+        if not sep:
+            return False
+        length = int(re.search(rb"(?i)content-length: *(\d+)", head)[1])
+        if len(rest) < length:
+            return False
+        self.body, self.buf = rest[:length], rest[length:]
+        if not head.startswith(b"HTTP/1.1 2"):
+            raise RuntimeError(f"bad answer: {head[:60]!r}")
+        return True
+
+
+def connect(app, n):
+    clients = []
+    for _ in range(n):
+        sock = socket.create_connection((app.host, app.port))
+        sock.setblocking(False)
+        clients.append(Client(sock))
+    return clients
+
+
+def percentile(values, p):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(len(values) * p / 100))]
+
+
+def fan_out(app, n, rounds):
+    """N parked clients, one message, time until each has it; and memory per parked client."""
+    idle_rss = app.rss()
+    clients = connect(app, n)
+    sel = selectors.DefaultSelector()
+    for c in clients:
+        sel.register(c.sock, selectors.EVENT_READ, c)
+    results = []
+    for _ in range(rounds):
+        cursor = app.status()["streams"]["chat"]["last_id"]
+        for c in clients:
+            c.answered_at = None
+            c.poll(b"/chat/updates", cursor)
+        app.wait_until(lambda s: s["streams"]["chat"]["waiting"] == n, 120, f"{n} parked polls")
+        early = sum(1 for key, _ in sel.select(timeout=0.2))   # anything answered before the post is wrong
+        parked_rss = app.rss()
+        start = time.perf_counter()
+        status, message = app.request("POST", "/chat/messages", {"nick": "bench", "body": "fan-out"})
+        post_ms = (time.perf_counter() - start) * 1000
+        waiting, errors = n, early + (status != 201)
+        deadline = time.monotonic() + 60
+        while waiting and time.monotonic() < deadline:
+            for key, _ in sel.select(timeout=1):
+                c = key.data
+                if c.feed(c.sock.recv(65536)):
+                    c.answered_at = time.perf_counter()
+                    waiting -= 1
+                    if json.loads(c.body)["messages"] != [message]:
+                        errors += 1
+        errors += waiting
+        latencies = [(c.answered_at - start) * 1000 for c in clients if c.answered_at]
+        results.append({
+            "p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99),
+            "max_ms": max(latencies), "post_ms": post_ms, "errors": errors,
+            "kb_per_client": (parked_rss - idle_rss) / n / 1024})
+    for c in clients:
+        c.sock.close()
+    sel.close()
+    app.wait_until(lambda s: s["waiting"] == 0, 60, "clients to leave")
+    return {"clients": n, "rounds": results,
+            **{k: statistics.median(r[k] for r in results) for k in results[0]},
+            "errors": sum(r["errors"] for r in results)}
+
+
+def throughput(app, n, posters, seconds):
+    """N clients re-polling as answers come, posters posting flat out."""
+    clients = connect(app, n)
+    sel = selectors.DefaultSelector()
+    cursor = app.status()["streams"]["chat"]["last_id"]
+    for c in clients:
+        sel.register(c.sock, selectors.EVENT_READ, c)
+        c.poll(b"/chat/updates", cursor)
+    app.wait_until(lambda s: s["streams"]["chat"]["waiting"] == n, 60, "parked polls")
+    post = json.dumps({"nick": "bench", "body": "throughput"}).encode()
+    post_request = (b"POST /chat/messages HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(post), post))
+    writers = connect(app, posters)
+    for w in writers:
+        sel.register(w.sock, selectors.EVENT_READ, w)
+        w.sock.send(post_request)
+    posted = delivered = errors = 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        for key, _ in sel.select(timeout=0.5):
+            c = key.data
+            if not c.feed(c.sock.recv(262144)):
+                continue
+            if c in writers:
+                posted += 1
+                c.sock.send(post_request)
+            else:
+                batch = json.loads(c.body)
+                delivered += len(batch["messages"])
+                errors += batch.get("gap", False)
+                c.poll(b"/chat/updates", batch["cursor"])
+    for c in clients + writers:
+        c.sock.close()
+    sel.close()
+    return {"clients": n, "posters": posters, "seconds": seconds,
+            "posted_per_s": posted / seconds, "delivered_per_s": delivered / seconds, "gaps": errors}
+
+
+class FeedFarm:
+    """n small Atom feeds on a local server that answers 304 when the ETag matches."""
+
+    def __init__(self, n):
+        entries = "".join(f"<entry><id>urn:{i}</id><title>Entry {i}</title><link href='http://example.com/{i}'/>"
+                          f"<updated>2026-11-01T10:00:00Z</updated><summary>Summary {i}</summary></entry>"
+                          for i in range(10))
+        body = (f"<?xml version='1.0'?><feed xmlns='http://www.w3.org/2005/Atom'><title>Farm</title>"
+                f"<id>urn:farm</id><updated>2026-11-01T10:00:00Z</updated>{entries}</feed>").encode()
+        counts = self.counts = {"200": 0, "304": 0}
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):
+                if self.headers.get("If-None-Match") == '"v1"':
+                    counts["304"] += 1
+                    self.send_response(304)
+                    self.send_header("ETag", '"v1"')
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                counts["200"] += 1
+                self.send_response(200)
+                self.send_header("Content-Type", "application/atom+xml")
+                self.send_header("ETag", '"v1"')
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        port = self.httpd.server_address[1]
+        self.file = tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False)
+        self.file.write("".join(f"http://127.0.0.1:{port}/feed/{i}\n" for i in range(n)))
+        self.file.close()
+
+    def close(self):
+        self.httpd.shutdown()
+        os.unlink(self.file.name)
+
+
+def feed_scale(n, interval):
+    farm = FeedFarm(n)
+    app = App("--feeds", farm.file.name, "--feed-interval", str(interval))
+    try:
+        def checked_since(t):
+            return lambda s: all(f["last_checked"] and f["last_checked"] > t for f in s["feeds"])
+        started = time.time()
+        app.wait_until(checked_since(started - 1), 120, "the first cycle")
+        first = [f["last_checked"] for f in app.status()["feeds"]]
+        cpu_before, second_from = app.cpu(), max(first)
+        app.wait_until(checked_since(second_from), interval + 120, "the second cycle")
+        second = [f["last_checked"] for f in app.status()["feeds"]]
+        cpu = app.cpu() - cpu_before
+        return {"feeds": n, "first_cycle_s": max(first) - started,
+                "unchanged_cycle_s": max(second) - min(second), "unchanged_cycle_cpu_s": cpu,
+                "answers": dict(farm.counts), "failing": sum(not f["ok"] for f in app.status()["feeds"])}
+    finally:
+        app.stop()
+        farm.close()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--clients", type=int, nargs="+", default=[1000, 5000, 10000],
+                   help="parked clients for each fan-out run (default: 1000 5000 10000)")
+    p.add_argument("--rounds", type=int, default=5, help="fan-out rounds per client count (default: 5)")
+    p.add_argument("--throughput-clients", type=int, default=1000, help="re-polling clients (default: 1000)")
+    p.add_argument("--posters", type=int, default=4, help="connections posting flat out (default: 4)")
+    p.add_argument("--seconds", type=float, default=10, help="length of the throughput run (default: 10)")
+    p.add_argument("--feeds", type=int, default=500, help="feeds for the feed-scale run (default: 500)")
+    p.add_argument("--skip-feeds", action="store_true", help="leave out the feed-scale run")
+    p.add_argument("--json", metavar="FILE", help="also write the figures to FILE as JSON")
+    args = p.parse_args()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    report = {"machine": f"{os.cpu_count()} cores, {platform()}", "fan_out": []}
+
+    app = App()             # default flags
+    try:
+        for n in args.clients:
+            report["fan_out"].append(fan_out(app, n, args.rounds))
+            r = report["fan_out"][-1]
+            print(f"fan-out {n:>6} clients: p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  "
+                  f"max {r['max_ms']:7.1f} ms  POST {r['post_ms']:5.1f} ms  "
+                  f"{r['kb_per_client']:5.1f} KB/client  errors {r['errors']}", flush=True)
+    finally:
+        app.stop()
+    # Posting flat out from one address needs the flood control opened up.
+    app = App("--post-rate", "1000000", "--post-burst", "1000000")
+    try:
+        report["throughput"] = t = throughput(app, args.throughput_clients, args.posters, args.seconds)
+        print(f"throughput {t['clients']} clients, {t['posters']} posters: {t['posted_per_s']:.0f} posted/s, "
+              f"{t['delivered_per_s']:.0f} delivered/s, gaps {t['gaps']}", flush=True)
+    finally:
+        app.stop()
+    if not args.skip_feeds:
+        report["feeds"] = f = feed_scale(args.feeds, interval=30)
+        print(f"feeds {f['feeds']}: first cycle {f['first_cycle_s']:.1f} s, unchanged cycle "
+              f"{f['unchanged_cycle_s']:.1f} s using {f['unchanged_cycle_cpu_s']:.2f} s CPU, "
+              f"answers {f['answers']}, failing {f['failing']}", flush=True)
+    print_table(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+
+
+def platform():
+    with open("/proc/cpuinfo") as f:
+        model = re.search(r"model name\s*:\s*(.*)", f.read())
+    return f"{model[1] if model else 'unknown CPU'}, Python {sys.version.split()[0]}"
+
+
+def print_table(report):
+    print(f"\nMachine: {report['machine']}; server and load generator on the same box.\n")
+    print("| clients | p50 ms | p99 ms | max ms | POST ms | KB/client | errors |")
+    print("|--------:|-------:|-------:|-------:|--------:|----------:|-------:|")
+    for r in report["fan_out"]:
+        print(f"| {r['clients']:,} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['max_ms']:.0f} | "
+              f"{r['post_ms']:.1f} | {r['kb_per_client']:.1f} | {r['errors']} |")
+    t = report["throughput"]
+    print(f"\nThroughput ({t['clients']:,} clients, {t['posters']} posters, {t['seconds']:g} s): "
+          f"{t['posted_per_s']:,.0f} messages posted/s, {t['delivered_per_s']:,.0f} delivered/s.")
+    if "feeds" in report:
+        f = report["feeds"]
+        print(f"Feeds ({f['feeds']}): unchanged cycle {f['unchanged_cycle_s']:.1f} s, "
+              f"{f['unchanged_cycle_cpu_s']:.2f} s CPU.")
+
+
+if __name__ == "__main__":
+    main()
