@@ -1,0 +1,191 @@
+#!/usr/bin/env python3
+"""Soak test of longpoll.py: a mixed load with faults for N minutes, then a
+count of lost and duplicated messages and a record of memory over time.
+
+It starts longpoll.py on a free loopback port and runs, in green threads:
+  - pollers that follow the chat like browsers do, some of them dropping their
+    connection mid-poll now and then and coming back with their cursor;
+  - posters (each from its own 127.0.0.x address) that post with a client_id
+    and sometimes hang up before the answer, then retry with the same id;
+  - vandals: polls abandoned mid-wait, requests never finished, bad input.
+At the end every poller must have seen every posted message exactly once.
+
+    python soak.py --minutes 10
+"""
+
+import argparse
+import json
+import os
+import random
+import re
+import resource
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import warnings
+warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")   # the README says so
+import eventlet  # noqa: E402
+from eventlet.green import socket  # noqa: E402
+from eventlet.green.http import client as http_client  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+
+def start_server(history):
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "longpoll.py"), "--port", "0", "--feeds", os.devnull,
+         "--poll-timeout", "5", "--history", str(history), "--client-timeout", "5"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    match = re.search(r"http://([\d.]+):(\d+)/", proc.stdout.readline())
+    if not match:
+        sys.exit(f"longpoll.py did not start: {proc.stderr.read()}")
+    return proc, match[1], int(match[2])
+
+
+class Soak:
+    def __init__(self, host, port, minutes):
+        self.host, self.port = host, port
+        self.end = time.monotonic() + minutes * 60     # posting and vandalism stop then
+        self.poll_end = self.end + 3600                 # polling stops once all is delivered
+        self.posted = {}                # message id -> client_id
+        self.errors = []
+        self.retries = self.bad_requests = self.vanished = 0
+
+    def connection(self, source="127.0.0.1", timeout=30):
+        return http_client.HTTPConnection(self.host, self.port, timeout=timeout, source_address=(source, 0))
+
+    def error(self, what):
+        self.errors.append(what)
+        if len(self.errors) <= 10:
+            print("error:", what, flush=True)
+
+    def poller(self, fickle):
+        """Follow the chat; return the ids seen, in order."""
+        seen, cursor, conn = [], None, self.connection()
+        while time.monotonic() < self.poll_end:
+            path = "/chat/updates" + ("" if cursor is None else f"?cursor={cursor}")
+            try:
+                if fickle and random.random() < 0.05:       # hang up mid-poll, come back later
+                    conn.request("GET", path)
+                    eventlet.sleep(random.random())
+                    conn.close()
+                    self.vanished += 1
+                    conn = self.connection()
+                    continue
+                conn.request("GET", path)
+                resp = conn.getresponse()
+                body = json.loads(resp.read())
+                if resp.status != 200:
+                    self.error(f"poll answered {resp.status}")
+                    continue
+            except (OSError, http_client.HTTPException) as e:
+                self.error(f"poll failed: {e!r}")
+                conn = self.connection()
+                continue
+            if body.get("gap"):
+                self.error("gap reported")
+            seen += [m["id"] for m in body["messages"]]     # the first answer is the history
+            cursor = body["cursor"]
+        return seen
+
+    def poster(self, address, per_second):
+        while time.monotonic() < self.end:
+            eventlet.sleep(random.expovariate(per_second))
+            message = json.dumps({"nick": address, "body": f"soak {uuid.uuid4()}", "client_id": uuid.uuid4().hex})
+            for attempt in range(10):
+                try:
+                    conn = self.connection(address, timeout=10)
+                    conn.request("POST", "/chat/messages", message, {"Content-Type": "application/json"})
+                    if attempt == 0 and random.random() < 0.1:
+                        conn.close()                 # the answer is lost: retry with the same client_id
+                        self.retries += 1
+                        continue
+                    resp = conn.getresponse()
+                    body = json.loads(resp.read())
+                    conn.close()
+                except (OSError, http_client.HTTPException) as e:
+                    self.error(f"post failed: {e!r}")
+                    continue
+                if resp.status in (200, 201):
+                    self.posted[body["id"]] = json.loads(message)["client_id"]
+                    break
+                self.error(f"post answered {resp.status}: {body}")
+                break
+
+    def vandal(self):
+        bad = [b"{nick:", json.dumps({"body": ""}).encode(), json.dumps({"body": "x" * 3000}).encode()]
+        while time.monotonic() < self.end:
+            eventlet.sleep(random.random() * 0.5)
+            kind = random.randrange(3)
+            try:
+                if kind == 0:                   # a request never finished
+                    sock = socket.create_connection((self.host, self.port))
+                    sock.sendall(b"GET /chat/upd")
+                    eventlet.spawn_after(random.random() * 3, sock.close)
+                elif kind == 1:                 # a poll abandoned while it waits
+                    sock = socket.create_connection((self.host, self.port))
+                    sock.sendall(b"GET /chat/updates?cursor=%d HTTP/1.1\r\nHost: x\r\n\r\n" % (10 ** 17))
+                    eventlet.spawn_after(random.random() * 3, sock.close)
+                else:                           # bad input: a 4xx, never a 5xx
+                    conn = self.connection("127.0.0.250")
+                    conn.request("POST", "/chat/messages", random.choice(bad), {"Content-Type": "application/json"})
+                    status = conn.getresponse().status
+                    conn.close()
+                    self.bad_requests += 1
+                    if not 400 <= status < 500:
+                        self.error(f"bad input answered {status}")
+            except OSError as e:
+                self.error(f"vandal failed: {e!r}")
+
+
+def rss_mb(pid):
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def main():
+    p = argparse.ArgumentParser(description="Soak test of longpoll.py with faults.")
+    p.add_argument("--minutes", type=float, default=10, help="how long to run (default: 10)")
+    p.add_argument("--pollers", type=int, default=300, help="clients following the chat (default: 300)")
+    p.add_argument("--posters", type=int, default=10, help="posting clients, one address each (default: 10)")
+    p.add_argument("--rate", type=float, default=1.0, help="messages a second per poster (default: 1)")
+    args = p.parse_args()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    proc, host, port = start_server(history=100000)
+    soak = Soak(host, port, args.minutes)
+    pollers = [eventlet.spawn(soak.poller, fickle=n % 3 == 0) for n in range(args.pollers)]
+    posters = [eventlet.spawn(soak.poster, f"127.0.1.{n + 1}", args.rate) for n in range(args.posters)]
+    vandals = [eventlet.spawn(soak.vandal) for _ in range(5)]
+    print(f"{'minute':>6} {'RSS MB':>7} {'posted':>7} {'errors':>6}", flush=True)
+    memory, started = [], time.monotonic()
+    while time.monotonic() < soak.end:
+        eventlet.sleep(min(60, soak.end - time.monotonic()))
+        memory.append(rss_mb(proc.pid))
+        print(f"{(time.monotonic() - started) / 60:6.1f} {memory[-1]:7.1f} {len(soak.posted):7d} "
+              f"{len(soak.errors):6d}", flush=True)
+    for g in posters + vandals:
+        g.wait()
+    eventlet.sleep(6)                           # let the last posts reach the pollers
+    soak.poll_end = time.monotonic()            # then the pollers stop after their next answer
+    views = [g.wait() for g in pollers]
+    proc.terminate()
+    proc.wait()
+    expected = sorted(soak.posted)
+    lost = sum(len(set(expected) - set(v)) for v in views)
+    # A post made twice would show as an id nobody was answered with.
+    duplicated = sum(len(v) - len(set(v)) + len(set(v) - set(expected)) for v in views)
+    out_of_order = sum(v != sorted(v) for v in views)
+    print(f"\n{args.minutes:g} min, {args.pollers} pollers, {args.posters} posters: {len(expected)} messages posted "
+          f"({soak.retries} retried after a lost answer), {soak.vanished} polls dropped mid-wait, "
+          f"{soak.bad_requests} bad requests.")
+    print(f"lost {lost}, duplicated {duplicated}, out of order {out_of_order}, errors {len(soak.errors)}; "
+          f"RSS {memory[0]:.1f} MB after the first minute, {max(memory):.1f} MB at most, {memory[-1]:.1f} MB at the end.")
+    sys.exit(1 if lost or duplicated or out_of_order or soak.errors else 0)
+
+
+if __name__ == "__main__":
+    main()
