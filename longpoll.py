@@ -31,6 +31,7 @@ import email.utils
 import html.parser
 import itertools
 import json
+import math
 import os
 import re
 import resource
@@ -235,24 +236,19 @@ def fail(status, message, **headers):
     raise bottle.HTTPError(status, message, **headers)
 
 
-@app.error(400)
-@app.error(403)
-@app.error(404)
-@app.error(405)
-@app.error(413)
-@app.error(415)
-@app.error(429)
-@app.error(500)
 def error_body(err):
     # A browser that asked for a page gets a short page; everyone else JSON.
     # Never a traceback: err.traceback stays on the server's stderr.
     message = err.body if err.status_code != 500 else "internal server error"
     if "text/html" in bottle.request.get_header("Accept", ""):
         bottle.response.content_type = "text/html; charset=utf-8"
-        return f"<!doctype html><title>{err.status}</title><h1>{bottle.html_escape(err.status)}</h1>" \
-               f"<p>{bottle.html_escape(message)}</p><p><a href='/'>Back to the chat</a></p>"
+        status, message = bottle.html_escape(err.status), bottle.html_escape(message)
+        return f"<!doctype html><title>{status}</title><h1>{status}</h1><p>{message}</p><a href='/'>Chat</a>"
     bottle.response.content_type = "application/json"
     return json.dumps({"error": message})
+
+
+app.default_error_handler = error_body      # for every error status, ours and Bottle's
 
 
 def no_store():
@@ -300,7 +296,9 @@ def json_body():
         fail(415, "Content-Type must be application/json")
     if req.content_length > MAX_BODY_BYTES:
         fail(413, f"request body is over {MAX_BODY_BYTES // 1024} KB")
-    raw = req.body.read(MAX_BODY_BYTES + 1)
+    # Read the input stream itself, never more than the limit: bottle's req.body
+    # would buffer a chunked body of any size (to disk, past 100 KB).
+    raw = req.environ["wsgi.input"].read(MAX_BODY_BYTES + 1)
     if len(raw) > MAX_BODY_BYTES:
         fail(413, f"request body is over {MAX_BODY_BYTES // 1024} KB")
     try:
@@ -363,7 +361,8 @@ def post_message():
         return posted_by_client_id[client_id]    # a retry whose first answer was lost
     wait = posting.take(client_address(), settings.post_rate, settings.post_burst)
     if wait:
-        fail(429, f"too many messages; try again in {wait:.0f} s", Retry_After=str(int(wait) + 1))
+        wait = math.ceil(wait)
+        fail(429, f"too many messages; try again in {wait} s", Retry_After=str(wait))
     message = chat.publish(nick=nick, body=body, time=time.time())
     if client_id:
         posted_by_client_id[client_id] = message
@@ -423,10 +422,14 @@ class Feed:
             with self.fetch_slots:
                 fetched = self.fetch()
             if fetched is not None:         # None: 304 Not Modified, nothing new
+                body, headers = fetched
                 # feedparser is pure Python and slow; in the hub it would freeze
                 # every connection, so it runs in eventlet's pool of OS threads.
-                title, entries = eventlet.tpool.execute(parse_feed, *fetched)
+                title, entries = eventlet.tpool.execute(parse_feed, body, {
+                    "content-type": headers.get("Content-Type", ""), "content-location": self.url})
                 self.publish_new(title, entries)
+                # Validators only from a body that parsed: else a 304 would hide the error.
+                self.etag, self.modified = headers.get("ETag"), headers.get("Last-Modified")
             self.ok, self.error, self.failures = True, None, 0
             return interval
         except Exception as e:              # whatever goes wrong, the feed's thread lives on
@@ -438,7 +441,7 @@ class Feed:
             self.last_checked = time.time()
 
     def fetch(self):
-        """(body, headers) of the feed, or None if unchanged since the last fetch."""
+        """(body, response headers) of the feed, or None if unchanged since the last fetch."""
         headers = {"User-Agent": "longpoll/1.0 (+feed stream demo)", "Accept-Encoding": "gzip, deflate"}
         if self.etag:
             headers["If-None-Match"] = self.etag
@@ -461,10 +464,7 @@ class Feed:
             except urllib.error.URLError as e:
                 reason = getattr(e.reason, "strerror", None) or e.reason
                 raise FetchError(f"cannot fetch: {reason}") from None
-        body = decompress(body, headers.get("Content-Encoding", ""))
-        self.etag = headers.get("ETag")
-        self.modified = headers.get("Last-Modified")
-        return body, {"content-type": headers.get("Content-Type", ""), "content-location": self.url}
+        return decompress(body, headers.get("Content-Encoding", "")), headers
 
     def publish_new(self, title, entries):
         self.title = title or self.title

@@ -799,3 +799,22 @@ def test_thousands_of_abandoned_polls_cost_nothing_after_the_timeout(start):
     # Python keeps freed memory for reuse, so the first wave sets the level;
     # later waves must not add to it.
     assert rss[2] <= rss[0] * 1.05, rss
+
+
+def test_a_chunked_body_is_limited_too(server):
+    sock = socket.create_connection((server.host, server.port))
+    sock.sendall(b"POST /chat/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Transfer-Encoding: chunked\r\n\r\n")
+    chunk = b"8000\r\n" + b" " * 0x8000 + b"\r\n"
+    for _ in range(4):                  # 128 KB, more than the 64 KB allowed
+        sock.sendall(chunk)
+    sock.sendall(b"0\r\n\r\n")
+    assert sock.recv(100).startswith(b"HTTP/1.1 413")
+    sock.close()
+
+
+def test_a_broken_body_is_not_hidden_by_a_later_304(feeds):
+    f = longpoll.Feed(feeds.feed("/broken-etag", b"<html>oops</html>", etag='"bad"'))
+    published_by(f.check)
+    published_by(f.check)
+    assert "If-None-Match" not in feeds.requests[-1] and not f.ok
