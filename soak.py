@@ -34,10 +34,12 @@ from eventlet.green.http import client as http_client  # noqa: E402
 HERE = Path(__file__).resolve().parent
 
 
-def start_server(history):
+def start_server():
+    # The default --history: memory should level off once history and the
+    # client_id memory are full.
     proc = subprocess.Popen(
         [sys.executable, str(HERE / "longpoll.py"), "--port", "0", "--feeds", os.devnull,
-         "--poll-timeout", "5", "--history", str(history), "--client-timeout", "5"],
+         "--poll-timeout", "5", "--client-timeout", "5"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     match = re.search(r"http://([\d.]+):(\d+)/", proc.stdout.readline())
     if not match:
@@ -155,7 +157,7 @@ def main():
     args = p.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    proc, host, port = start_server(history=100000)
+    proc, host, port = start_server()
     soak = Soak(host, port, args.minutes)
     pollers = [eventlet.spawn(soak.poller, fickle=n % 3 == 0) for n in range(args.pollers)]
     posters = [eventlet.spawn(soak.poster, f"127.0.1.{n + 1}", args.rate) for n in range(args.posters)]

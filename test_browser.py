@@ -132,6 +132,17 @@ def test_a_rejected_message_shows_why_and_stays_in_the_box(chat_server, open_pag
     expect(page.locator("#messages .message")).to_have_count(0)
 
 
+def test_posting_too_fast_is_shown(start, open_page):
+    from playwright.sync_api import expect
+    srv = start("--post-burst", "1", "--post-rate", "0.01")
+    page = open_page(f"http://{srv.host}:{srv.port}/")
+    send(page, "one")
+    expect(page.locator("#messages .message")).to_have_count(1)
+    send(page, "two")
+    expect(page.locator("#notice")).to_have_text(re.compile(r"^You are sending messages too fast\. Try again in \d+ s\.$"))
+    expect(page.locator("#body")).to_have_value("two")
+
+
 def test_the_page_reconnects_after_a_server_restart(start, open_page):
     from playwright.sync_api import expect
     first = start("--poll-timeout", "5")
