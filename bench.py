@@ -286,16 +286,16 @@ def main():
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     report = {"machine": f"{os.cpu_count()} cores, {platform()}", "fan_out": []}
 
-    app = App()             # default flags
-    try:
-        for n in args.clients:
+    for n in args.clients:
+        app = App()         # default flags, and a fresh process: memory freed by a run before would flatter
+        try:
             report["fan_out"].append(fan_out(app, n, args.rounds))
-            r = report["fan_out"][-1]
-            print(f"fan-out {n:>6} clients: p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  "
-                  f"max {r['max_ms']:7.1f} ms  POST {r['post_ms']:5.1f} ms  "
-                  f"{r['kb_per_client']:5.1f} KB/client  errors {r['errors']}", flush=True)
-    finally:
-        app.stop()
+        finally:
+            app.stop()
+        r = report["fan_out"][-1]
+        print(f"fan-out {n:>6} clients: p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  "
+              f"max {r['max_ms']:7.1f} ms  POST {r['post_ms']:5.1f} ms  "
+              f"{r['kb_per_client']:5.1f} KB/client  errors {r['errors']}", flush=True)
     # Posting flat out from one address needs the flood control opened up.
     app = App("--post-rate", "1000000", "--post-burst", "1000000")
     try:
