@@ -100,10 +100,10 @@ def start():
 
 
 def atom(entries, title="Fixture Atom"):
-    """An Atom document; entries are (id, title, link, summary) tuples, newest first."""
+    """An Atom document; entries are (id, title, link, summary) tuples, newest first (and dated so)."""
     body = "".join(
         f"<entry><id>{escape(i)}</id><title type='html'>{escape(t)}</title>"
-        f"<link href={quoteattr(link)}/><updated>2026-11-{n % 28 + 1:02d}T10:00:00Z</updated>"
+        f"<link href={quoteattr(link)}/><updated>2026-11-{28 - n % 28:02d}T10:00:00Z</updated>"
         f"<summary type='html'>{escape(s)}</summary></entry>"
         for n, (i, t, link, s) in enumerate(entries))
     return (f"<?xml version='1.0' encoding='utf-8'?><feed xmlns='http://www.w3.org/2005/Atom'>"

@@ -468,7 +468,7 @@ def test_atom_entries_become_plain_text_json(feeds):
     assert entry["summary"].startswith("Hello world, spaced <out> word word")
     assert "alert" not in entry["summary"] and len(entry["summary"]) <= longpoll.SUMMARY_CHARS + 1
     assert entry["summary"].endswith("…")
-    assert entry["published"] == "2026-11-01T10:00:00Z"
+    assert entry["published"] == "2026-11-28T10:00:00Z"
 
 
 def test_rss_entries_are_published_with_iso_dates(feeds):

@@ -4,7 +4,7 @@
   <form id="compose" autocomplete="off">
     <input id="nick" maxlength="32" placeholder="Nick" aria-label="Your nick" spellcheck="false">
     <textarea id="body" rows="1" maxlength="2000" aria-label="Message"
-              placeholder="Message (Enter sends, Shift+Enter: new line)"></textarea>
+              placeholder="Write a message" title="Enter sends; Shift+Enter starts a new line"></textarea>
     <button type="submit">Send</button>
   </form>
   <p id="notice" class="notice" role="alert" hidden></p>
