@@ -95,7 +95,8 @@ def parse_args(argv=None):
     p.add_argument("--post-rate", type=positive, default=2.0, metavar="PER_SECOND",
                    help="chat messages per second one client address may post over time (default: %(default)s)")
     p.add_argument("--post-burst", type=count, default=10, metavar="N",
-                   help="messages one client address may post at once before --post-rate applies (default: %(default)s)")
+                   help="messages one client address may post at once, before --post-rate applies "
+                        "(default: %(default)s)")
     p.add_argument("--trusted-proxy", action="append", default=[], metavar="ADDRESS",
                    help="a reverse proxy whose X-Forwarded-For names the client (repeatable)")
     p.add_argument("--feed", action="append", default=[], metavar="URL", type=http_url,

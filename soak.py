@@ -185,7 +185,8 @@ def main():
           f"({soak.retries} retried after a lost answer), {soak.vanished} polls dropped mid-wait, "
           f"{soak.bad_requests} bad requests.")
     print(f"lost {lost}, duplicated {duplicated}, out of order {out_of_order}, errors {len(soak.errors)}; "
-          f"RSS {memory[0]:.1f} MB after the first minute, {max(memory):.1f} MB at most, {memory[-1]:.1f} MB at the end.")
+          f"RSS {memory[0]:.1f} MB after the first minute, {max(memory):.1f} MB at most, "
+          f"{memory[-1]:.1f} MB at the end.")
     sys.exit(1 if lost or duplicated or out_of_order or soak.errors else 0)
 
 
