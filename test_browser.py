@@ -225,6 +225,13 @@ def test_feed_entries_flow_one_by_one_and_hover_pauses(feed_setup, browser):
     expect(page.locator("#pace")).to_have_text("Live")
     expect(page.locator("#waiting")).to_have_text("0 waiting", timeout=5000)
     expect(page.locator("#entries .title").first).to_have_text("Entry 8")
+    # On a touch screen there is no hover: the Live button pauses and resumes.
+    page.click("#pace")
+    expect(page.locator("#pace")).to_have_text("Paused")
+    page.mouse.move(0, 0)
+    expect(page.locator("#pace")).to_have_text("Paused")
+    page.click("#pace")
+    expect(page.locator("#pace")).to_have_text("Live")
     context.close()
     assert errors == [], errors
 

@@ -11,6 +11,8 @@ const sources = document.getElementById("feeds");
 const STEP_MS = Number(new URLSearchParams(location.search).get("pace")) || 1500;
 const MAX_QUEUE = 1000;   // beyond this the oldest waiting entries are dropped
 const queue = [];
+let hovering = false;   // the pointer is over the stream
+let pinned = false;     // paused with the button (for touch screens and keyboards)
 let paused = false;
 
 function relativeTime(iso) {
@@ -61,8 +63,13 @@ function step() {
 }
 setInterval(step, STEP_MS);
 
-stream.addEventListener("mouseenter", () => { paused = true; showCount(); });
-stream.addEventListener("mouseleave", () => { paused = false; showCount(); });
+function setPaused() {
+  paused = hovering || pinned;
+  showCount();
+}
+entries.addEventListener("mouseenter", () => { hovering = true; setPaused(); });
+entries.addEventListener("mouseleave", () => { hovering = false; setPaused(); });
+pace.addEventListener("click", () => { pinned = !pinned; setPaused(); });
 
 longPoll("/feed/updates", batch => {
   queue.push(...batch.entries);

@@ -2,9 +2,9 @@
 <main class="feed">
   <section id="stream" class="stream" aria-label="Live entries">
     <div class="queue">
-      <span id="pace" class="pace" data-paused="false">Live</span>
+      <button id="pace" class="pace" type="button" data-paused="false" title="Pause or resume the stream">Live</button>
       <span id="waiting" class="waiting">0 waiting</span>
-      <span class="hint">Hover over the stream to pause it.</span>
+      <span class="hint">Hover over the stream, or press Live, to pause it.</span>
     </div>
     <ol id="entries" aria-live="off"></ol>
   </section>
