@@ -83,7 +83,7 @@ def parse_args(argv=None):
         description="A chat room and a live feed stream delivered by HTTP long polling.")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: %(default)s; 0.0.0.0 for every interface)")
-    p.add_argument("--port", type=int, default=8080,
+    p.add_argument("--port", type=port, default=8080,
                    help="port to listen on (default: %(default)s; 0 picks a free one)")
     p.add_argument("--poll-timeout", type=positive, default=25.0, metavar="SECONDS",
                    help="how long a poll waits for news before answering empty (default: %(default)s)")
@@ -138,6 +138,13 @@ def count(text):
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {text}")
+    return value
+
+
+def port(text):
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 0 to 65535, not {text}")
     return value
 
 

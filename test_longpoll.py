@@ -431,7 +431,7 @@ def test_start_is_quiet_and_help_documents_every_flag(start):
 
 
 def test_bad_flags_are_refused_clearly():
-    for flags in (["--poll-timeout", "0"], ["--history", "0"], ["--feed", "file:///etc/passwd"],
+    for flags in (["--poll-timeout", "0"], ["--history", "0"], ["--port", "70000"], ["--port", "http"], ["--feed", "file:///etc/passwd"],
                   ["--feed-interval", "0.5"], ["--feeds", "/no/such/file"]):
         proc = subprocess.run([sys.executable, "longpoll.py", *flags], cwd=HERE,
                               capture_output=True, text=True, timeout=10)
