@@ -83,7 +83,7 @@ def parse_args(argv=None):
         description="A chat room and a live feed stream delivered by HTTP long polling.")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: %(default)s; 0.0.0.0 for every interface)")
-    p.add_argument("--port", type=port, default=8080,
+    p.add_argument("--port", type=port_number, default=8080,
                    help="port to listen on (default: %(default)s; 0 picks a free one)")
     p.add_argument("--poll-timeout", type=positive, default=25.0, metavar="SECONDS",
                    help="how long a poll waits for news before answering empty (default: %(default)s)")
@@ -141,7 +141,7 @@ def count(text):
     return value
 
 
-def port(text):
+def port_number(text):
     value = int(text)
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"must be 0 to 65535, not {text}")

@@ -13,7 +13,7 @@ const MAX_QUEUE = 1000;   // beyond this the oldest waiting entries are dropped
 const queue = [];
 let hovering = false;   // the pointer is over the stream
 let pinned = false;     // paused with the button (for touch screens and keyboards)
-let paused = false;
+const paused = () => hovering || pinned;
 
 function relativeTime(iso) {
   if (!iso) return "";
@@ -46,14 +46,14 @@ function render(e) {
 
 function showCount() {
   waiting.textContent = `${queue.length} waiting`;
-  pace.textContent = paused ? "Paused" : "Live";
-  pace.dataset.paused = String(paused);
+  pace.textContent = paused() ? "Paused" : "Live";
+  pace.dataset.paused = String(paused());
 }
 
 // Move one entry from the queue to the top of the stream, then drop the
 // entries that no longer fit, so the page itself never grows.
 function step() {
-  if (paused || !queue.length) return;
+  if (paused() || !queue.length) return;
   entries.prepend(render(queue.shift()));
   const bottom = stream.getBoundingClientRect().bottom;
   while (entries.children.length > 1 && entries.lastElementChild.getBoundingClientRect().top >= bottom) {
@@ -63,13 +63,9 @@ function step() {
 }
 setInterval(step, STEP_MS);
 
-function setPaused() {
-  paused = hovering || pinned;
-  showCount();
-}
-entries.addEventListener("mouseenter", () => { hovering = true; setPaused(); });
-entries.addEventListener("mouseleave", () => { hovering = false; setPaused(); });
-pace.addEventListener("click", () => { pinned = !pinned; setPaused(); });
+entries.addEventListener("mouseenter", () => { hovering = true; showCount(); });
+entries.addEventListener("mouseleave", () => { hovering = false; showCount(); });
+pace.addEventListener("click", () => { pinned = !pinned; showCount(); });
 
 longPoll("/feed/updates", batch => {
   queue.push(...batch.entries);
