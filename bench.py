@@ -37,6 +37,8 @@ class App:
     """longpoll.py in its own process."""
 
     def __init__(self, *flags):
+        if not any(f.startswith("--feed") for f in flags):
+            flags += ("--feeds", os.devnull)     # no public feeds: all traffic stays on loopback
         self.proc = subprocess.Popen(
             [sys.executable, str(HERE / "longpoll.py"), "--port", "0", *flags],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -17,13 +17,10 @@ import argparse
 import json
 import os
 import random
-import re
 import resource
-import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 
 import warnings
 warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")   # the README says so
@@ -31,20 +28,8 @@ import eventlet  # noqa: E402
 from eventlet.green import socket  # noqa: E402
 from eventlet.green.http import client as http_client  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
+from bench import App  # noqa: E402
 
-
-def start_server():
-    # The default --history: memory should level off once history and the
-    # client_id memory are full.
-    proc = subprocess.Popen(
-        [sys.executable, str(HERE / "longpoll.py"), "--port", "0", "--feeds", os.devnull,
-         "--poll-timeout", "5", "--client-timeout", "5"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    match = re.search(r"http://([\d.]+):(\d+)/", proc.stdout.readline())
-    if not match:
-        sys.exit(f"longpoll.py did not start: {proc.stderr.read()}")
-    return proc, match[1], int(match[2])
 
 
 class Soak:
@@ -143,11 +128,6 @@ class Soak:
                 self.error(f"vandal failed: {e!r}")
 
 
-def rss_mb(pid):
-    with open(f"/proc/{pid}/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
-
-
 def main():
     p = argparse.ArgumentParser(description="Soak test of longpoll.py with faults.")
     p.add_argument("--minutes", type=float, default=10, help="how long to run (default: 10)")
@@ -157,8 +137,10 @@ def main():
     args = p.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    proc, host, port = start_server()
-    soak = Soak(host, port, args.minutes)
+    # The default --history: memory should level off once the history and the
+    # client_id memory are full.
+    app = App("--feeds", os.devnull, "--poll-timeout", "5", "--client-timeout", "5")
+    soak = Soak(app.host, app.port, args.minutes)
     pollers = [eventlet.spawn(soak.poller, fickle=n % 3 == 0) for n in range(args.pollers)]
     posters = [eventlet.spawn(soak.poster, f"127.0.1.{n + 1}", args.rate) for n in range(args.posters)]
     vandals = [eventlet.spawn(soak.vandal) for _ in range(5)]
@@ -166,7 +148,7 @@ def main():
     memory, started = [], time.monotonic()
     while time.monotonic() < soak.end:
         eventlet.sleep(min(60, soak.end - time.monotonic()))
-        memory.append(rss_mb(proc.pid))
+        memory.append(app.rss() / 2 ** 20)
         print(f"{(time.monotonic() - started) / 60:6.1f} {memory[-1]:7.1f} {len(soak.posted):7d} "
               f"{len(soak.errors):6d}", flush=True)
     for g in posters + vandals:
@@ -174,8 +156,7 @@ def main():
     eventlet.sleep(6)                           # let the last posts reach the pollers
     soak.poll_end = time.monotonic()            # then the pollers stop after their next answer
     views = [g.wait() for g in pollers]
-    proc.terminate()
-    proc.wait()
+    app.stop()
     expected = sorted(soak.posted)
     lost = sum(len(set(expected) - set(v)) for v in views)
     # A post made twice would show as an id nobody was answered with.
