@@ -109,10 +109,16 @@ class Client:
         return True
 
 
+def loopback(n):
+    """The n-th address in 127.1.0.0/16: clients come from many addresses, as real
+    browsers do (the server caps the polls one address may park)."""
+    return f"127.1.{n >> 8 & 255}.{n & 255}"
+
+
 def connect(app, n):
     clients = []
-    for _ in range(n):
-        sock = socket.create_connection((app.host, app.port))
+    for i in range(n):
+        sock = socket.create_connection((app.host, app.port), source_address=(loopback(i), 0))
         sock.setblocking(False)
         clients.append(Client(sock))
     return clients
@@ -121,6 +127,42 @@ def connect(app, n):
 def percentile(values, p):
     values = sorted(values)
     return values[min(len(values) - 1, int(len(values) * p / 100))]
+
+
+def post_with_buckets(app, n, samples=200):
+    """POST latency with no flood-control buckets held, and with n addresses holding
+    partly used ones (a flood spread over many addresses, via a trusted proxy)."""
+    client = Client(socket.create_connection((app.host, app.port)))
+
+    def requests(first, count):
+        return b"".join(
+            b"POST /chat/messages HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+            b"X-Forwarded-For: 10.%d.%d.%d\r\nContent-Length: 12\r\n\r\n{\"body\":\"x\"}"
+            % (i >> 16 & 255, i >> 8 & 255, i & 255) for i in range(first, first + count))
+
+    def answers(count):
+        for _ in range(count):
+            complete = client.feed(b"")         # pipelined answers may already be in
+            while not complete:
+                complete = client.feed(client.sock.recv(65536))
+
+    def timed(first):
+        times = []
+        for i in range(first, first + samples):
+            start = time.perf_counter()
+            client.sock.sendall(requests(i, 1))
+            answers(1)
+            times.append((time.perf_counter() - start) * 1000)
+        return times
+
+    before = timed(n + samples)             # addresses of their own, not yet in the table
+    for first in range(0, n, 500):          # fill the table, 500 pipelined posts at a time
+        client.sock.sendall(requests(first, min(500, n - first)))
+        answers(min(500, n - first))
+    after = timed(n + 2 * samples)
+    client.sock.close()
+    return {"buckets": n, "post_ms_empty_p50": statistics.median(before),
+            "post_ms_p50": statistics.median(after), "post_ms_p99": percentile(after, 99)}
 
 
 def fan_out(app, n, rounds):
@@ -285,6 +327,8 @@ def main():
     p.add_argument("--seconds", type=float, default=10, help="length of the throughput run (default: 10)")
     p.add_argument("--feeds", type=int, default=500, help="feeds for the feed-scale run (default: 500)")
     p.add_argument("--skip-feeds", action="store_true", help="leave out the feed-scale run")
+    p.add_argument("--buckets", type=int, default=100000,
+                   help="addresses holding flood-control buckets for the POST timing (default: 100000; 0 skips)")
     p.add_argument("--json", metavar="FILE", help="also write the figures to FILE as JSON")
     args = p.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -309,6 +353,15 @@ def main():
               f"{t['delivered_per_s']:.0f} delivered/s, gaps {t['gaps']}", flush=True)
     finally:
         app.stop()
+    if args.buckets:
+        # A slow refill keeps every address's bucket in the table for the whole run.
+        app = App("--trusted-proxy", "127.0.0.1", "--post-rate", "0.001")
+        try:
+            report["buckets"] = b = post_with_buckets(app, args.buckets)
+            print(f"POST with {b['buckets']} buckets: p50 {b['post_ms_p50']:.2f} ms, p99 {b['post_ms_p99']:.2f} ms "
+                  f"(none held: p50 {b['post_ms_empty_p50']:.2f} ms)", flush=True)
+        finally:
+            app.stop()
     if not args.skip_feeds:
         report["feeds"] = f = feed_scale(args.feeds, interval=30)
         print(f"feeds {f['feeds']}: first cycle {f['first_cycle_s']:.1f} s, unchanged cycle "
@@ -335,6 +388,10 @@ def print_table(report):
     t = report["throughput"]
     print(f"\nThroughput ({t['clients']:,} clients, {t['posters']} posters, {t['seconds']:g} s): "
           f"{t['posted_per_s']:,.0f} messages posted/s, {t['delivered_per_s']:,.0f} delivered/s.")
+    if "buckets" in report:
+        b = report["buckets"]
+        print(f"POST with {b['buckets']:,} addresses holding flood-control buckets: p50 {b['post_ms_p50']:.2f} ms, "
+              f"p99 {b['post_ms_p99']:.2f} ms (none held: p50 {b['post_ms_empty_p50']:.2f} ms).")
     if "feeds" in report:
         f = report["feeds"]
         print(f"Feeds ({f['feeds']}): unchanged cycle {f['unchanged_cycle_s']:.1f} s, "

@@ -43,12 +43,14 @@ class Server:
             raise RuntimeError(f"server did not start: {self.banner}{self.proc.stderr.read()}")
         self.host, self.port = match[1], int(match[2])
 
-    def request(self, method, path, body=None, headers=None, timeout=15):
+    def request(self, method, path, body=None, headers=None, timeout=15, source=None):
+        """One request; `source` is a loopback address to send it from (127.x.y.z)."""
         headers = dict(headers or {})
         if isinstance(body, (dict, list)):
             body = json.dumps(body)
             headers.setdefault("Content-Type", "application/json")
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout,
+                                          source_address=(source, 0) if source else None)
         try:
             conn.request(method, path, body=body, headers=headers)
             resp = conn.getresponse()
@@ -85,6 +87,13 @@ class Server:
             self.proc.send_signal(signal.SIGTERM)
         _, err = self.proc.communicate(timeout=15)
         return err
+
+
+def loopback(n):
+    """The n-th loopback address past 127.0.1.0: thousands of clients come from many
+    addresses, and the server caps the polls one address may park."""
+    n += 256
+    return f"127.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}"
 
 
 @pytest.fixture

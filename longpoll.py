@@ -29,6 +29,7 @@ import argparse
 import collections
 import email.utils
 import html.parser
+import ipaddress
 import itertools
 import json
 import math
@@ -74,6 +75,9 @@ SEEN_PER_FEED = 1000            # dedupe memory per feed, beyond the current fet
 SUMMARY_CHARS = 400
 FETCH_CONCURRENCY = 20          # fetches in flight at once, whatever the number of feeds
 MAX_BACKOFF = 3600              # seconds between tries of a failing feed, at most
+# Bidirectional-text controls: in a nick they could reverse what follows it and
+# impersonate someone; the pages isolate each text, but a nick may not have them.
+BIDI_CONTROLS = set("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 FD_RESERVE = 64 + 2 * FETCH_CONCURRENCY  # descriptors kept free of client connections
 
 
@@ -97,8 +101,12 @@ def parse_args(argv=None):
     p.add_argument("--post-burst", type=count, default=10, metavar="N",
                    help="messages one client address may post at once, before --post-rate applies "
                         "(default: %(default)s)")
+    p.add_argument("--polls-per-address", type=count, default=1000, metavar="N",
+                   help="long polls one client address may keep parked at once; more get 429 "
+                        "(default: %(default)s, room for an office behind one NAT address)")
     p.add_argument("--trusted-proxy", action="append", default=[], metavar="ADDRESS",
-                   help="a reverse proxy whose X-Forwarded-For names the client (repeatable)")
+                   help="a reverse proxy whose X-Forwarded-For, X-Forwarded-Host and X-Forwarded-Proto "
+                        "are believed (repeatable)")
     p.add_argument("--feed", action="append", default=[], metavar="URL", type=http_url,
                    help="an Atom or RSS feed to poll (repeatable)")
     p.add_argument("--feeds", metavar="FILE",
@@ -273,9 +281,22 @@ def parse_cursor():
     return int(text)
 
 
+parked_by_address = collections.Counter()     # client address -> polls it has parked now
+
+
 def updates(stream):
     cursor = parse_cursor()
-    items, cursor, gap = stream.wait(cursor, settings.poll_timeout)
+    # One address may not hold every connection (and the memory they cost).
+    address = client_address()
+    if parked_by_address[address] >= settings.polls_per_address:
+        fail(429, "too many polls from your address; try again later", Retry_After="5")
+    parked_by_address[address] += 1
+    try:
+        items, cursor, gap = stream.wait(cursor, settings.poll_timeout)
+    finally:
+        parked_by_address[address] -= 1
+        if not parked_by_address[address]:
+            del parked_by_address[address]     # else the table keeps every address ever seen
     body = {stream.key: items, "cursor": cursor}
     if gap:
         body["gap"] = True
@@ -283,22 +304,47 @@ def updates(stream):
     return body
 
 
+def from_trusted_proxy():
+    return bottle.request.environ.get("REMOTE_ADDR", "") in settings.trusted_proxy
+
+
 def client_address():
-    """The client's address; a trusted proxy's X-Forwarded-For is believed, nobody else's."""
+    """The client's address as limits count it: a trusted proxy's X-Forwarded-For is
+    believed, nobody else's; an IPv6 client is its /64, since one host owns all of it."""
     addr = bottle.request.environ.get("REMOTE_ADDR", "")
-    if addr in settings.trusted_proxy:
+    if from_trusted_proxy():
         hops = [h.strip() for h in bottle.request.get_header("X-Forwarded-For", "").split(",")]
-        for hop in reversed(hops):          # the rightmost hop no trusted proxy added
-            if hop and hop not in settings.trusted_proxy:
-                return hop
-    return addr
+        # The rightmost hop no trusted proxy added.
+        addr = next((h for h in reversed(hops) if h and h not in settings.trusted_proxy), addr)
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return addr
+    if ip.version == 6:
+        return str(ip.ipv4_mapped or ipaddress.ip_network((ip, 64), strict=False))
+    return str(ip)
+
+
+def same_origin(origin):
+    """Whether a browser's Origin is the site it is on: the Host it asked for, or,
+    behind a trusted proxy, the X-Forwarded-Host and -Proto that proxy saw."""
+    req = bottle.request
+    host, scheme = req.get_header("Host", ""), None
+    if from_trusted_proxy():
+        host = req.get_header("X-Forwarded-Host", host).split(",")[0].strip()
+        scheme = req.get_header("X-Forwarded-Proto", "").split(",")[0].strip().lower() or None
+    parts = urllib.parse.urlsplit(origin)
+    default_port = {"http": ":80", "https": ":443"}.get(parts.scheme, "")
+    # Browsers leave a default port out of Origin; some clients put it in Host.
+    return (parts.netloc.lower().removesuffix(default_port) == host.lower().removesuffix(default_port)
+            and scheme in (None, parts.scheme))
 
 
 def json_body():
     """The request's JSON object, or a 4xx that says what was wrong with it."""
     req = bottle.request
     origin = req.get_header("Origin")
-    if origin is not None and urllib.parse.urlsplit(origin).netloc != req.get_header("Host"):
+    if origin is not None and not same_origin(origin):
         fail(403, "cross-origin requests are not accepted")
     if req.content_type.split(";")[0].strip().lower() != "application/json":
         fail(415, "Content-Type must be application/json")
@@ -318,7 +364,7 @@ def json_body():
     return data
 
 
-def text_field(data, name, limit, allowed="", required=False):
+def text_field(data, name, limit, allowed="", required=False, refused=()):
     value = data.get(name, "")
     if not isinstance(value, str):
         fail(400, f"{name} must be a string")
@@ -329,6 +375,8 @@ def text_field(data, name, limit, allowed="", required=False):
         fail(400, f"{name} is longer than {limit} characters")
     if any(unicodedata.category(c) in ("Cc", "Cs") and c not in allowed for c in value):
         fail(400, f"{name} contains control characters")
+    if any(c in refused for c in value):
+        fail(400, f"{name} contains bidirectional-text controls")
     return value
 
 
@@ -339,19 +387,21 @@ class TokenBucket:
     """Posting allowance per client address: `burst` at once, refilled at `rate` a second."""
 
     def __init__(self):
-        self.buckets = {}           # address -> (tokens, time)
+        self.buckets = collections.OrderedDict()    # address -> (tokens, time), oldest use first
 
     def take(self, key, rate, burst):
         """Take a token; return 0 if there was one, else seconds until there is."""
         now = time.monotonic()
+        # Forget buckets untouched long enough to be full again. They sit at the
+        # front, so this costs O(1) a post however many addresses post at once.
+        while self.buckets and now - next(iter(self.buckets.values()))[1] >= burst / rate:
+            self.buckets.popitem(last=False)
         tokens, then = self.buckets.get(key, (burst, now))
         tokens = min(burst, tokens + (now - then) * rate)
         if tokens < 1:
             return (1 - tokens) / rate
-        if len(self.buckets) > 10000:  # forget addresses that are full again
-            self.buckets = {k: v for k, v in self.buckets.items()
-                            if v[0] + (now - v[1]) * rate < burst}
         self.buckets[key] = (tokens - 1, now)
+        self.buckets.move_to_end(key)
         return 0
 
 
@@ -363,7 +413,7 @@ posted_by_client_id = collections.OrderedDict()   # client_id -> message, for ex
 def post_message():
     data = json_body()
     body = text_field(data, "body", MAX_MESSAGE_CHARS, allowed="\n\t", required=True)
-    nick = text_field(data, "nick", MAX_NICK_CHARS) or "anonymous"
+    nick = text_field(data, "nick", MAX_NICK_CHARS, refused=BIDI_CONTROLS) or "anonymous"
     client_id = text_field(data, "client_id", MAX_CLIENT_ID_CHARS)
     if client_id in posted_by_client_id:
         return posted_by_client_id[client_id]    # a retry whose first answer was lost
@@ -443,7 +493,8 @@ class Feed:
         except Exception as e:              # whatever goes wrong, the feed's thread lives on
             self.ok, self.failures = False, self.failures + 1
             self.error = str(e) if isinstance(e, FetchError) else f"{type(e).__name__}: {e}"
-            backoff = min(interval * 2 ** self.failures, max(interval, MAX_BACKOFF))
+            # The exponent is capped: 2.0 ** 1024 overflows, which would end this thread.
+            backoff = min(interval * 2 ** min(self.failures, 20), max(interval, MAX_BACKOFF))
             return max(backoff, getattr(e, "retry_after", 0))
         finally:
             self.last_checked = time.time()
@@ -478,7 +529,10 @@ class Feed:
         self.title = title or self.title
         first_fetch = self.seen is None
         seen = self.seen or collections.OrderedDict()
-        new = [e for e in entries if e["key"] not in seen]
+        new = {}
+        for e in entries:
+            if e["key"] not in seen:
+                new.setdefault(e["key"], e)     # an entry listed twice in one fetch is new once
         for e in entries:
             seen[e["key"]] = None
             seen.move_to_end(e["key"])
@@ -486,7 +540,7 @@ class Feed:
             seen.popitem(last=False)
         self.seen = seen
         # Feeds list their newest entries first; publish oldest first.
-        new = new[:FIRST_FETCH_ENTRIES if first_fetch else MAX_NEW_PER_FETCH][::-1]
+        new = list(new.values())[:FIRST_FETCH_ENTRIES if first_fetch else MAX_NEW_PER_FETCH][::-1]
         for e in new:
             feed.publish(feed=self.title, title=e["title"], link=e["link"],
                          summary=e["summary"], published=e["published"])

@@ -8,6 +8,9 @@ eventlet's monkey-patching in test_longpoll.py do not mix).
 import os
 import re
 import shutil
+import socket
+import subprocess
+import time
 from xml.sax.saxutils import escape
 from pathlib import Path
 
@@ -130,6 +133,46 @@ def test_a_rejected_message_shows_why_and_stays_in_the_box(chat_server, open_pag
     expect(page.locator("#notice")).to_have_text("Not sent: body contains control characters.")
     expect(page.locator("#body")).to_have_value("bell \x07 character")
     expect(page.locator("#messages .message")).to_have_count(0)
+
+
+def test_bidi_controls_cannot_reorder_other_text(chat_server, open_page):
+    from playwright.sync_api import expect
+    page = open_page(f"http://{chat_server.host}:{chat_server.port}/")
+    page.fill("#nick", "admin\u202e")
+    send(page, "hello")
+    expect(page.locator("#notice")).to_have_text("Not sent: nick contains bidirectional-text controls.")
+    page.fill("#nick", "eve")
+    body = "\u202etxet desrever \U0001F469\u200d\U0001F4BB"
+    page.fill("#body", body)
+    page.press("#body", "Enter")
+    send(page, "after it")
+    expect(page.locator("#messages .text")).to_have_text([body, "after it"])
+    # Each user text is isolated, so its controls reach nothing outside it.
+    for selector in (".nick", ".text"):
+        assert page.locator(f"#messages {selector}").first.evaluate(
+            "e => getComputedStyle(e).unicodeBidi") == "plaintext"
+    for message in page.locator("#messages .message").all():
+        nick, time = message.locator(".nick").bounding_box(), message.locator(".time").bounding_box()
+        assert nick["x"] < time["x"]
+
+
+def test_the_poll_waits_as_long_as_retry_after_asks(chat_server, open_page, browser):
+    context = browser.new_context()
+    page = context.new_page()
+    polls = []
+    page.on("request", lambda r: "/chat/updates" in r.url and polls.append(time.monotonic()))
+
+    def refuse_first(route):
+        if len(polls) == 1:
+            route.fulfill(status=429, headers={"Retry-After": "3"}, json={"error": "too many polls"})
+        else:
+            route.continue_()
+    page.route("**/chat/updates*", refuse_first)
+    page.goto(f"http://{chat_server.host}:{chat_server.port}/")
+    from playwright.sync_api import expect
+    expect(page.locator("#state")).to_have_attribute("data-state", "live", timeout=10000)
+    context.close()
+    assert polls[1] - polls[0] >= 2.9, polls
 
 
 def test_posting_too_fast_is_shown(start, open_page):
@@ -286,3 +329,61 @@ def fits(page, selector):
     width, height = page.viewport_size["width"], page.viewport_size["height"]
     assert 0 <= box["x"] and box["x"] + box["width"] <= width and box["y"] + box["height"] <= height, box
     assert page.evaluate("document.scrollingElement.scrollWidth") <= width
+
+
+def readme_nginx_block():
+    return re.search(r"```nginx\n(.*?)```", (HERE / "README.md").read_text(encoding="utf-8"), re.S)[1]
+
+
+@pytest.fixture
+def nginx(tmp_path):
+    """Start Debian's nginx with the README's own server block; return a function
+    that takes the app's port and gives the proxy's."""
+    binary = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
+    if not binary:
+        missing("nginx is not installed (apt-get install nginx)")
+    procs = []
+
+    def run(app_port):
+        with socket.socket() as s:          # a free, non-default port for the proxy
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        block = readme_nginx_block()
+        # The block unchanged but for its two ports (and the proxy kept on loopback).
+        assert "listen 8000;" in block and "http://127.0.0.1:8080;" in block
+        block = block.replace("listen 8000;", f"listen 127.0.0.1:{port};")
+        block = block.replace("http://127.0.0.1:8080;", f"http://127.0.0.1:{app_port};")
+        temp = "\n".join(f"{kind}_temp_path {tmp_path}/{kind};"
+                         for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        (tmp_path / "nginx.conf").write_text(
+            f"daemon off;\npid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\n"
+            f"events {{}}\nhttp {{\naccess_log off;\n{temp}\n{block}\n}}\n")
+        procs.append(subprocess.Popen(
+            [binary, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"), "-e", str(tmp_path / "error.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return port
+            except OSError:
+                assert procs[-1].poll() is None, procs[-1].stderr.read()
+                assert time.monotonic() < deadline, "nginx did not start"
+                time.sleep(0.05)
+    yield run
+    for proc in procs:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_chat_through_the_readme_nginx_config(start, open_page, nginx):
+    from playwright.sync_api import expect
+    app = start("--trusted-proxy", "127.0.0.1", "--poll-timeout", "5")
+    url = f"http://127.0.0.1:{nginx(app.port)}/"
+    alice, bob = open_page(url), open_page(url)
+    expect(bob.locator("#state")).to_have_text("Live")
+    alice.fill("#nick", "alice")
+    send(alice, "through the proxy")
+    expect(bob.locator("#messages .text")).to_have_text(["through the proxy"], timeout=2000)
+    expect(alice.locator("#notice")).to_be_hidden()
+    assert app.status()["streams"]["chat"]["waiting"] == 2     # both polls park through the proxy

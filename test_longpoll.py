@@ -6,6 +6,7 @@ Run with: python -m pytest test_longpoll.py
 
 import longpoll  # first: it monkey-patches before anything imports socket or threading
 
+import collections
 import gzip
 import http.client
 import json
@@ -25,7 +26,7 @@ import eventlet.wsgi
 import pytest
 from hypothesis import given, settings as hypothesis_settings, strategies as st
 
-from conftest import FeedServer, Server, atom, numbered, rss
+from conftest import FeedServer, Server, atom, loopback, numbered, rss
 
 HERE = Path(__file__).resolve().parent
 
@@ -370,7 +371,9 @@ def test_unknown_path_is_404_json_or_a_page(server):
 def test_more_than_1024_parked_polls_and_the_post_still_gets_in(start):
     srv = start("--poll-timeout", "30")
     n = 1100
-    polls = [spawn_poll(srv, f"/chat/updates?cursor={srv.cursor()}", timeout=60) for _ in range(n)]
+    cursor = srv.cursor()
+    polls = [spawn_poll(srv, f"/chat/updates?cursor={cursor}", timeout=60, source=loopback(i % 10))
+             for i in range(n)]
     srv.wait_for(lambda s: s["waiting"] == n, timeout=30)
     posted = srv.post({"body": "to all"}, timeout=5)
     assert posted.status == 201
@@ -402,7 +405,8 @@ def test_sigterm_answers_parked_polls_and_exits(start):
 def test_ctrl_c_exits_cleanly_with_many_polls_parked(start):
     srv = start("--poll-timeout", "60")
     cursor = srv.cursor()
-    polls = [spawn_poll(srv, f"/chat/updates?cursor={cursor}", timeout=30) for _ in range(1500)]
+    polls = [spawn_poll(srv, f"/chat/updates?cursor={cursor}", timeout=30, source=loopback(i % 10))
+             for i in range(1500)]
     srv.wait_for(lambda s: s["waiting"] == 1500, timeout=30)
     srv.proc.send_signal(signal.SIGINT)
     assert srv.proc.wait(timeout=5) == 0
@@ -789,8 +793,8 @@ def test_thousands_of_abandoned_polls_cost_nothing_after_the_timeout(start):
     for wave in range(3):
         cursor = srv.cursor()
         socks = []
-        for _ in range(5000):
-            sock = socket.create_connection((srv.host, srv.port))
+        for i in range(5000):
+            sock = socket.create_connection((srv.host, srv.port), source_address=(loopback(i % 10), 0))
             sock.sendall(b"GET /chat/updates?cursor=%d HTTP/1.1\r\nHost: x\r\n\r\n" % cursor)
             socks.append(sock)
         srv.wait_for(lambda s: s["waiting"] == 5000, timeout=60)
@@ -820,3 +824,108 @@ def test_a_broken_body_is_not_hidden_by_a_later_304(feeds):
     published_by(f.check)
     published_by(f.check)
     assert "If-None-Match" not in feeds.requests[-1] and not f.ok
+
+
+# -- Field defects: proxies, long failures, duplicates, bidi text, many addresses
+
+
+def test_origin_is_checked_against_what_a_trusted_proxy_saw(start):
+    srv = start("--trusted-proxy", "127.0.0.6")
+    site = {"Host": f"127.0.0.1:{srv.port}", "X-Forwarded-Host": "chat.example:8443",
+            "X-Forwarded-Proto": "https"}
+    assert post_from(srv, "127.0.0.6", {"body": "a"}, {**site, "Origin": "https://chat.example:8443"}) == 201
+    assert post_from(srv, "127.0.0.6", {"body": "b"}, {**site, "Origin": "http://chat.example:8443"}) == 403
+    assert post_from(srv, "127.0.0.6", {"body": "c"}, {**site, "Origin": "https://chat.example"}) == 403
+    # Nobody else's forwarded headers are believed.
+    assert post_from(srv, "127.0.0.7", {"body": "d"}, {**site, "Origin": "https://chat.example:8443"}) == 403
+    # Directly, the Host the browser asked for counts, with its port; a default port may be left out.
+    assert post_from(srv, "127.0.0.7", {"body": "e"}, {"Origin": f"http://127.0.0.1:{srv.port}"}) == 201
+    assert post_from(srv, "127.0.0.7", {"body": "f"}, {"Host": "chat.example:80",
+                                                        "Origin": "http://chat.example"}) == 201
+    bodies = [m["body"] for m in srv.get("/chat/updates").json()["messages"]]
+    assert bodies == ["a", "e", "f"]
+
+
+def test_a_feed_failing_for_weeks_keeps_its_thread_at_the_hour_cap(feeds):
+    f = longpoll.Feed(feeds.status("/down", 500))
+    f.failures = 2000                   # about 12 weeks of hourly tries
+    assert published_by(f.check)[0] == 3600
+    assert f.failures == 2001 and f.error == "HTTP 500 Internal Server Error"
+
+
+def test_an_entry_listed_twice_in_one_fetch_is_published_once(feeds):
+    f = longpoll.Feed(feeds.feed("/twice.xml", atom(numbered(1, 2))))
+    published_by(f.check)
+    feeds.feed("/twice.xml", atom(numbered(3, 4) + numbered(3, 3) + numbered(1, 2)))
+    _, entries = published_by(f.check)
+    assert [e["title"] for e in entries] == ["Entry 3", "Entry 4"]
+
+
+@pytest.mark.parametrize("control", ["\u202e", "\u202a", "\u2066", "\u2069", "\u200e", "\u200f", "\u061c"])
+def test_bidi_controls_are_refused_in_nicks(server, control):
+    before = server.cursor()
+    resp = server.post({"nick": f"admin{control}", "body": "hi"})
+    assert resp.status == 400 and "bidirectional" in resp.json()["error"]
+    assert server.cursor() == before
+
+
+def test_bodies_keep_bidi_and_joined_emoji_verbatim(server):
+    body = "\u202eevil \U0001F469\u200d\U0001F4BB"
+    posted = server.post({"nick": "n", "body": body}).json()
+    assert server.get(f"/chat/updates?cursor={posted['id'] - 1}").json()["messages"][0]["body"] == body
+
+
+def test_flood_buckets_expire_in_order_and_ipv6_counts_per_64(start):
+    srv = start("--post-burst", "2", "--post-rate", "0.01", "--trusted-proxy", "127.0.0.5")
+    via = lambda client: post_from(srv, "127.0.0.5", {"body": "x"}, {"X-Forwarded-For": client})
+    # One host owns its whole /64: a new address in it is no new allowance.
+    assert [via("2001:db8::1"), via("2001:db8::2"), via("2001:db8::ffff:1")] == [201, 201, 429]
+    assert via("2001:db8:0:1::1") == 201                 # the next /64 is someone else
+    assert [via("::ffff:10.1.1.1"), via("10.1.1.1"), via("10.1.1.1")] == [201, 201, 429]
+
+
+def test_token_buckets_forget_full_ones_without_a_scan(monkeypatch):
+    class Counted(collections.OrderedDict):
+        """Counts the buckets a take() reads by iterating the table."""
+        read = 0
+
+        def _count(self, it):
+            for x in it:
+                Counted.read += 1
+                yield x
+
+        def items(self):
+            return self._count(super().items())
+
+        def values(self):
+            return self._count(super().values())
+
+    bucket, now = longpoll.TokenBucket(), [1000.0]
+    monkeypatch.setattr(longpoll.time, "monotonic", lambda: now[0])
+    addresses = [f"10.0.{n >> 8}.{n & 255}" for n in range(20_000)]
+    for address in addresses:
+        assert bucket.take(address, rate=1, burst=5) == 0
+    bucket.buckets = Counted(bucket.buckets)
+    for address in addresses[:100]:                     # 100 posts with 20,000 buckets present
+        assert bucket.take(address, rate=1, burst=5) == 0
+    assert Counted.read <= 200, Counted.read            # a few each, not the whole table
+    assert len(bucket.buckets) == 20_000 and bucket.buckets["10.0.0.0"][0] == 3
+    now[0] += 5                                         # every bucket is full again
+    assert bucket.take("10.9.9.9", rate=1, burst=5) == 0
+    assert list(bucket.buckets) == ["10.9.9.9"]         # and forgotten
+
+
+def test_one_address_cannot_park_more_than_its_share_of_polls(start):
+    srv = start("--polls-per-address", "5", "--poll-timeout", "20")
+    cursor = srv.cursor()
+    mine = [spawn_poll(srv, f"/chat/updates?cursor={cursor}", source="127.0.0.8") for _ in range(5)]
+    srv.wait_for(lambda s: s["waiting"] == 5)
+    over = srv.get(f"/feed/updates?cursor={srv.cursor('feed')}", source="127.0.0.8")
+    assert over.status == 429 and int(over.headers["Retry-After"]) >= 1 and "polls" in over.json()["error"]
+    theirs = spawn_poll(srv, f"/chat/updates?cursor={cursor}", source="127.0.0.9")
+    srv.wait_for(lambda s: s["waiting"] == 6)           # another address is served as before
+    posted = srv.post({"body": "to all six"}).json()
+    assert theirs.wait().json()["messages"] == [posted]
+    assert all(p.wait().json()["messages"] == [posted] for p in mine)
+    # Answered polls give their places back.
+    assert srv.get(f"/chat/updates?cursor={cursor}", source="127.0.0.8").status == 200

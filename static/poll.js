@@ -15,7 +15,11 @@ function longPoll(url, onBatch) {
       try {
         const query = cursor === null ? "" : "?cursor=" + cursor;
         const res = await fetch(url + query, {cache: "no-store", headers: {Accept: "application/json"}});
-        if (!res.ok) throw new Error("HTTP " + res.status);
+        if (!res.ok) {
+          const error = new Error("HTTP " + res.status);
+          error.retryAfter = Number(res.headers.get("Retry-After")) || 0;
+          throw error;
+        }
         const batch = await res.json();
         failures = 0;
         setState("live", "Live");
@@ -28,7 +32,8 @@ function longPoll(url, onBatch) {
         // Exponential backoff with jitter and a cap: a restarted server is not
         // stampeded by every browser at the same instant.
         const ceiling = Math.min(30000, 500 * 2 ** Math.min(failures, 6));
-        const delay = ceiling / 2 + Math.random() * ceiling / 2;
+        // A server that said when to come back (429, 503) is not asked sooner.
+        const delay = Math.max(ceiling / 2 + Math.random() * ceiling / 2, 1000 * (err.retryAfter || 0));
         setState("reconnecting", "Reconnecting…");
         await new Promise(resolve => setTimeout(resolve, delay));
       }
