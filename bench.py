@@ -36,9 +36,12 @@ TICKS = os.sysconf("SC_CLK_TCK")
 class App:
     """longpoll.py in its own process."""
 
-    def __init__(self, *flags):
+    def __init__(self, *flags, db=None):
         if not any(f.startswith("--feed") for f in flags):
             flags += ("--feeds", os.devnull)     # no public feeds: all traffic stays on loopback
+        # As by default, a database file (in a folder of its own), unless db=":memory:".
+        self.folder = tempfile.TemporaryDirectory(prefix="longpoll-bench-")
+        flags += ("--db", db or os.path.join(self.folder.name, "longpoll.db"))
         self.proc = subprocess.Popen(
             [sys.executable, str(HERE / "longpoll.py"), "--port", "0", *flags],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -80,6 +83,7 @@ class App:
     def stop(self):
         self.proc.terminate()
         self.proc.wait(timeout=30)
+        self.folder.cleanup()
 
 
 class Client:
@@ -353,6 +357,17 @@ def main():
               f"{t['delivered_per_s']:.0f} delivered/s, gaps {t['gaps']}", flush=True)
     finally:
         app.stop()
+    # Posting alone, flat out, with the database file and with :memory:, one after the other.
+    report["posting"] = {}
+    for mode, db in (("file", None), ("memory", ":memory:")):
+        app = App("--post-rate", "1000000", "--post-burst", "1000000", db=db)
+        try:
+            report["posting"][mode] = throughput(app, 0, args.posters, args.seconds)["posted_per_s"]
+        finally:
+            app.stop()
+    p = report["posting"]
+    print(f"posting, {args.posters} posters: {p['file']:.0f}/s with the database file, {p['memory']:.0f}/s "
+          f"with :memory: ({100 * p['file'] / p['memory']:.0f} %)", flush=True)
     if args.buckets:
         # A slow refill keeps every address's bucket in the table for the whole run.
         app = App("--trusted-proxy", "127.0.0.1", "--post-rate", "0.001")
@@ -388,6 +403,9 @@ def print_table(report):
     t = report["throughput"]
     print(f"\nThroughput ({t['clients']:,} clients, {t['posters']} posters, {t['seconds']:g} s): "
           f"{t['posted_per_s']:,.0f} messages posted/s, {t['delivered_per_s']:,.0f} delivered/s.")
+    p = report["posting"]
+    print(f"Posting alone ({t['posters']} posters): {p['file']:,.0f} messages/s with the database file, "
+          f"{p['memory']:,.0f}/s with --db :memory: ({100 * p['file'] / p['memory']:.0f} %).")
     if "buckets" in report:
         b = report["buckets"]
         print(f"POST with {b['buckets']:,} addresses holding flood-control buckets: p50 {b['post_ms_p50']:.2f} ms, "

@@ -30,9 +30,11 @@ class Response:
 class Server:
     """longpoll.py started as its own process on a free port."""
 
-    def __init__(self, *flags, feeds_file=None):
+    def __init__(self, *flags):
         if not any(f.startswith("--feed") for f in flags):
             flags += ("--feeds", os.devnull)     # no feeds: nothing leaves the machine
+        if "--db" not in flags:
+            flags += ("--db", ":memory:")       # no file left in the repository
         self.proc = subprocess.Popen(
             [sys.executable, "longpoll.py", "--port", "0", *flags], cwd=HERE,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -54,6 +54,8 @@ import eventlet.tpool
 import eventlet.wsgi
 import feedparser
 
+import storage
+
 HERE = Path(__file__).resolve().parent
 
 # -- Configuration ------------------------------------------------------------
@@ -93,6 +95,9 @@ def parse_args(argv=None):
                    help="how long a poll waits for news before answering empty (default: %(default)s)")
     p.add_argument("--history", type=count, default=200, metavar="N",
                    help="items kept per stream for clients that catch up (default: %(default)s)")
+    p.add_argument("--db", default="longpoll.db", metavar="PATH",
+                   help="SQLite file keeping the history, feed state and posted client_ids across "
+                        "restarts (default: %(default)s; :memory: keeps nothing)")
     p.add_argument("--client-timeout", type=positive, default=30.0, metavar="SECONDS",
                    help="drop a client that takes longer than this to send a request, or idles that long "
                         "between requests (default: %(default)s)")
@@ -190,17 +195,33 @@ class Stream:
         self.event = eventlet.Event()
         self.waiting = 0
         self.closed = False
+        self.store = None               # load() attaches the database it writes through to
 
-    def publish(self, **fields):
-        self.last_id += 1
-        item = {"id": self.last_id, **fields}
-        self.items.append(item)
-        # An eventlet Event can be sent only once: swap in a fresh one and send
-        # the old one, which wakes every current waiter. The send itself waits
-        # for the hub's next turn, so the publisher answers its own client first.
-        event, self.event = self.event, eventlet.Event()
-        eventlet.spawn_after(0, event.send)
-        return item
+    def load(self, store, history):
+        """Continue from what `store` kept: its newest items and their ids (at start)."""
+        self.store = store
+        self.items = collections.deque(store.items(self.key), maxlen=history)
+        if self.items:
+            self.last_id = self.items[-1]["id"]
+
+    def publish(self, *batch, **record):
+        """Give each item (a dict of fields) the next id and wake every waiter; return the items.
+        `record` is stored with them: a chat message's client_id, or a feed's state."""
+        items = [{"id": self.last_id + n, **fields} for n, fields in enumerate(batch, 1)]
+        if self.store:
+            # Written before anyone can see them, so what a browser was shown or
+            # a POST was acknowledged for survives a crash. If the write fails
+            # (StoreError) nothing is published.
+            self.store.write(self.key, items, **record)
+        self.last_id += len(items)
+        self.items.extend(items)
+        if items:
+            # An eventlet Event can be sent only once: swap in a fresh one and send
+            # the old one, which wakes every current waiter. The send itself waits
+            # for the hub's next turn, so the publisher answers its own client first.
+            event, self.event = self.event, eventlet.Event()
+            eventlet.spawn_after(0, event.send)
+        return items
 
     def since(self, cursor):
         """(items newer than cursor, cursor to send next, whether items were dropped)."""
@@ -236,8 +257,6 @@ class Stream:
         event, self.event = self.event, eventlet.Event()
         event.send()
 
-    def resize(self, history):
-        self.items = collections.deque(self.items, maxlen=history)
 
 
 chat = Stream("messages", settings.history)
@@ -406,7 +425,7 @@ class TokenBucket:
 
 
 posting = TokenBucket()
-posted_by_client_id = collections.OrderedDict()   # client_id -> message, for exactly-once retries
+store = None        # main() opens the --db
 
 
 @app.post("/chat/messages")
@@ -415,17 +434,17 @@ def post_message():
     body = text_field(data, "body", MAX_MESSAGE_CHARS, allowed="\n\t", required=True)
     nick = text_field(data, "nick", MAX_NICK_CHARS, refused=BIDI_CONTROLS) or "anonymous"
     client_id = text_field(data, "client_id", MAX_CLIENT_ID_CHARS)
-    if client_id in posted_by_client_id:
-        return posted_by_client_id[client_id]    # a retry whose first answer was lost
+    original = client_id and store.posted(client_id)
+    if original:
+        return original                         # a retry whose first answer was lost
     wait = posting.take(client_address(), settings.post_rate, settings.post_burst)
     if wait:
         wait = math.ceil(wait)
         fail(429, f"too many messages; try again in {wait} s", Retry_After=str(wait))
-    message = chat.publish(nick=nick, body=body, time=time.time())
-    if client_id:
-        posted_by_client_id[client_id] = message
-        if len(posted_by_client_id) > 10 * chat.items.maxlen:
-            posted_by_client_id.popitem(last=False)
+    try:
+        [message] = chat.publish({"nick": nick, "body": body, "time": time.time()}, client_id=client_id)
+    except storage.StoreError:
+        fail(503, "the server cannot store messages right now; try again shortly", Retry_After="10")
     bottle.response.status = 201
     return message
 
@@ -451,7 +470,7 @@ class Feed:
 
     fetch_slots = eventlet.Semaphore(FETCH_CONCURRENCY)
 
-    def __init__(self, url):
+    def __init__(self, url, saved=None):
         self.url = url
         self.title = urllib.parse.urlsplit(url).netloc
         self.ok = False
@@ -462,6 +481,10 @@ class Feed:
         self.etag = self.modified = None
         self.seen = None            # dedupe keys, oldest first; None until the first success
         self.failures = 0
+        if saved:                   # what the database kept from the last run
+            self.title, self.etag, self.modified, self.entries = (
+                saved["title"], saved["etag"], saved["modified"], saved["entries"])
+            self.seen = collections.OrderedDict.fromkeys(saved["seen"])
 
     def status(self):
         return {k: getattr(self, k) for k in
@@ -485,14 +508,14 @@ class Feed:
                 # every connection, so it runs in eventlet's pool of OS threads.
                 title, entries = eventlet.tpool.execute(parse_feed, body, {
                     "content-type": headers.get("Content-Type", ""), "content-location": self.url})
-                self.publish_new(title, entries)
                 # Validators only from a body that parsed: else a 304 would hide the error.
-                self.etag, self.modified = headers.get("ETag"), headers.get("Last-Modified")
+                self.publish_new(title, entries, headers.get("ETag"), headers.get("Last-Modified"))
             self.ok, self.error, self.failures = True, None, 0
             return interval
         except Exception as e:              # whatever goes wrong, the feed's thread lives on
             self.ok, self.failures = False, self.failures + 1
-            self.error = str(e) if isinstance(e, FetchError) else f"{type(e).__name__}: {e}"
+            self.error = (f"cannot store entries: {e}" if isinstance(e, storage.StoreError)
+                          else str(e) if isinstance(e, FetchError) else f"{type(e).__name__}: {e}")
             # The exponent is capped: 2.0 ** 1024 overflows, which would end this thread.
             backoff = min(interval * 2 ** min(self.failures, 20), max(interval, MAX_BACKOFF))
             return max(backoff, getattr(e, "retry_after", 0))
@@ -525,10 +548,13 @@ class Feed:
                 raise FetchError(f"cannot fetch: {reason}") from None
         return decompress(body, headers.get("Content-Encoding", "")), headers
 
-    def publish_new(self, title, entries):
-        self.title = title or self.title
+    def publish_new(self, title, entries, etag, modified):
+        """Publish the entries not seen before. They are stored with the feed's new
+        state, all or nothing: entries that could not be stored are tried again
+        at the next check, which is unconditional since the validators were not kept."""
+        title = title or self.title
         first_fetch = self.seen is None
-        seen = self.seen or collections.OrderedDict()
+        seen = collections.OrderedDict(self.seen or ())     # a copy, kept only once stored
         new = {}
         for e in entries:
             if e["key"] not in seen:
@@ -538,13 +564,14 @@ class Feed:
             seen.move_to_end(e["key"])
         while len(seen) > max(SEEN_PER_FEED, len(entries)):
             seen.popitem(last=False)
-        self.seen = seen
         # Feeds list their newest entries first; publish oldest first.
         new = list(new.values())[:FIRST_FETCH_ENTRIES if first_fetch else MAX_NEW_PER_FETCH][::-1]
-        for e in new:
-            feed.publish(feed=self.title, title=e["title"], link=e["link"],
-                         summary=e["summary"], published=e["published"])
-        self.entries += len(new)
+        state = {"title": title, "etag": etag, "modified": modified,
+                 "entries": self.entries + len(new), "seen": list(seen)}
+        feed.publish(*({"feed": title, "title": e["title"], "link": e["link"], "summary": e["summary"],
+                        "published": e["published"]} for e in new), feed=(self.url, state))
+        self.title, self.etag, self.modified, self.entries, self.seen = (
+            title, etag, modified, state["entries"], seen)
 
 
 def retry_after(value):
@@ -648,6 +675,7 @@ def status():
         "streams": {name: {"last_id": s.last_id, "kept": len(s.items), "waiting": s.waiting}
                     for name, s in (("chat", chat), ("feed", feed))},
         "feeds": [f.status() for f in feeds],
+        "storage": store.status(),
     }
 
 
@@ -702,15 +730,19 @@ def open_files_limit():
 
 
 def main(argv=None):
-    global settings
+    global settings, store
     settings = parse_args(argv)
-    for stream in (chat, feed):
-        stream.resize(settings.history)
     try:
         # No SO_REUSEPORT: a second copy on a taken port must fail, not share it.
         sock = eventlet.listen((settings.host, settings.port), backlog=4096, reuse_port=False)
     except OSError as e:
         sys.exit(f"longpoll: cannot listen on {settings.host}:{settings.port}: {e.strerror}")
+    try:
+        store = storage.Store(settings.db, settings.history)
+    except storage.StoreError as e:
+        sys.exit(f"longpoll: --db {settings.db}: {e}")
+    for stream in (chat, feed):
+        stream.load(store, settings.history)
     # eventlet serves at most 1024 connections by default, idle keep-alives
     # included, and its accept loop dies if it runs out of descriptors: size the
     # pool from the open-files limit, below it.
@@ -718,7 +750,7 @@ def main(argv=None):
     if max_clients < 10000:
         print(f"longpoll: the open-files limit allows only {max_clients} clients", file=sys.stderr)
 
-    feeds[:] = [Feed(url) for url in dict.fromkeys(settings.feed)]
+    feeds[:] = [Feed(url, store.feed_state(url)) for url in dict.fromkeys(settings.feed)]
     for f in feeds:
         eventlet.spawn(f.run)
 
@@ -747,6 +779,7 @@ def main(argv=None):
     server.kill(SystemExit)
     with eventlet.Timeout(3, False):
         server.wait()
+    store.close()
     print("longpoll: stopped", flush=True)
 
 

@@ -205,6 +205,25 @@ def test_the_page_reconnects_after_a_server_restart(start, open_page):
         ["before the restart", "posted before the page is back", "after the restart"], timeout=5000)
 
 
+def test_the_page_survives_a_restart_with_its_database_and_misses_nothing(start, open_page, tmp_path):
+    from playwright.sync_api import expect
+    db = str(tmp_path / "chat.db")
+    first = start("--poll-timeout", "5", "--db", db)
+    port = first.port
+    page = open_page(f"http://127.0.0.1:{port}/")
+    send(page, "before the restart")
+    expect(page.locator("#messages .message")).to_have_count(1)
+    first.stop()
+    expect(page.locator("#state")).to_have_text("Reconnecting…")
+    second = start("--poll-timeout", "5", "--port", str(port), "--db", db)
+    second.post({"nick": "server", "body": "posted before the page is back"})
+    expect(page.locator("#state")).to_have_text("Live", timeout=20000)
+    second.post({"nick": "server", "body": "after the restart"})
+    expect(page.locator("#messages .text")).to_have_text(
+        ["before the restart", "posted before the page is back", "after the restart"], timeout=5000)
+    expect(page.locator("#messages .gap")).to_have_count(0)         # nothing was missed, so no notice
+
+
 # Titles that are markup-looking text (escaped once more, as a feed would send
 # text), summaries that are real markup (which the server strips), and javascript: links.
 HOSTILE_ENTRIES = [(f"urn:h{n}", escape(text), "javascript:window.pwned=9", text + " summary")

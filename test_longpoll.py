@@ -9,12 +9,14 @@ import longpoll  # first: it monkey-patches before anything imports socket or th
 import collections
 import gzip
 import http.client
+import itertools
 import json
 import os
 import re
 import resource
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -26,6 +28,7 @@ import eventlet.wsgi
 import pytest
 from hypothesis import given, settings as hypothesis_settings, strategies as st
 
+import storage
 from conftest import FeedServer, Server, atom, loopback, numbered, rss
 
 HERE = Path(__file__).resolve().parent
@@ -61,7 +64,7 @@ def test_publish_wakes_every_waiter():
     waiters = [eventlet.spawn(stream.wait, 0, 5) for _ in range(3)]
     eventlet.sleep(0)
     assert stream.waiting == 3
-    stream.publish(body="hello")
+    stream.publish({"body": "hello"})
     for w in waiters:
         items, cursor, gap = w.wait()
         assert [i["body"] for i in items] == ["hello"] and cursor == 1 and not gap
@@ -74,7 +77,7 @@ def test_each_publish_wakes_its_own_waiters():
     for n in (1, 2, 3):
         waiter = eventlet.spawn(stream.wait, n - 1, 5)
         eventlet.sleep(0)
-        stream.publish(n=n)
+        stream.publish({"n": n})
         assert [i["n"] for i in waiter.wait()[0]] == [n]
 
 
@@ -85,7 +88,7 @@ def test_publish_between_look_and_wait_is_not_lost(monkeypatch):
     def look_then_someone_posts(cursor):
         result = look(cursor)
         if not result[0]:
-            stream.publish(body="raced")    # lands after "nothing new", before the wait
+            stream.publish({"body": "raced"})    # lands after "nothing new", before the wait
         return result
     monkeypatch.setattr(stream, "since", look_then_someone_posts)
     with eventlet.Timeout(1):          # a lost wake-up would wait out the 30 s
@@ -95,7 +98,7 @@ def test_publish_between_look_and_wait_is_not_lost(monkeypatch):
 
 def test_wait_times_out_empty_at_the_same_cursor():
     stream = longpoll.Stream("messages", 10, first_id=1)
-    stream.publish(body="old")
+    stream.publish({"body": "old"})
     assert stream.wait(1, timeout=0.05) == ([], 1, False)
     assert stream.waiting == 0
 
@@ -103,7 +106,7 @@ def test_wait_times_out_empty_at_the_same_cursor():
 def test_history_is_bounded_and_a_stale_cursor_reports_a_gap():
     stream = longpoll.Stream("messages", 3, first_id=1)
     for n in range(1, 8):
-        stream.publish(n=n)
+        stream.publish({"n": n})
     assert [i["id"] for i in stream.items] == [5, 6, 7]
     items, cursor, gap = stream.since(2)
     assert [i["id"] for i in items] == [5, 6, 7] and cursor == 7 and gap
@@ -114,7 +117,7 @@ def test_history_is_bounded_and_a_stale_cursor_reports_a_gap():
 
 def test_cursor_from_before_a_restart_gets_history_at_once():
     stream = longpoll.Stream("messages", 10, first_id=1)
-    stream.publish(body="a")
+    stream.publish({"body": "a"})
     items, cursor, gap = stream.wait(500, timeout=5)
     assert [i["id"] for i in items] == [1] and cursor == 1 and not gap
 
@@ -155,7 +158,7 @@ def test_every_client_sees_every_item_once_in_order_unless_told_of_a_gap(history
     for op in ops:
         if op[0] == "publish":
             for _ in range(op[1]):
-                stream.publish(body="x")
+                stream.publish({"body": "x"})
         elif op[0] == "poll":
             sent = cursors[op[1]]
             deliver(op[1], stream.since(sent), sent)
@@ -929,3 +932,186 @@ def test_one_address_cannot_park_more_than_its_share_of_polls(start):
     assert all(p.wait().json()["messages"] == [posted] for p in mine)
     # Answered polls give their places back.
     assert srv.get(f"/chat/updates?cursor={cursor}", source="127.0.0.8").status == 200
+
+
+# -- Durable streams: a SQLite file kept across restarts -----------------------
+
+
+def restart(srv, start, *flags):
+    """Stop a server (SIGTERM) and start another on the same flags."""
+    assert "Traceback" not in srv.stop()
+    return start(*flags)
+
+
+def test_history_and_ids_continue_across_a_restart(start, tmp_path):
+    flags = ("--db", str(tmp_path / "chat.db"), "--post-burst", "100")
+    srv = start(*flags)
+    sent = [srv.post({"nick": "n", "body": f"m{n}"}).json() for n in range(3)]
+    srv = restart(srv, start, *flags)
+    missed = srv.get(f"/chat/updates?cursor={sent[0]['id']}").json()
+    assert missed == {"messages": sent[1:], "cursor": sent[2]["id"]}          # exactly what it missed, no gap
+    assert srv.get("/chat/updates").json()["messages"] == sent
+    assert srv.post({"body": "after"}).json()["id"] == sent[2]["id"] + 1      # no id reused or skipped
+    assert srv.status()["storage"] == {"db": str(tmp_path / "chat.db"), "ok": True, "error": None}
+
+
+def test_a_cursor_older_than_what_is_kept_still_reports_a_gap(start, tmp_path):
+    flags = ("--db", str(tmp_path / "chat.db"), "--history", "3", "--post-burst", "100")
+    srv = start(*flags)
+    sent = [srv.post({"body": f"m{n}"}).json() for n in range(6)]
+    srv = restart(srv, start, *flags)
+    old = srv.get(f"/chat/updates?cursor={sent[0]['id']}").json()
+    assert old["gap"] is True and old["messages"] == sent[3:]
+    assert srv.status()["streams"]["chat"]["kept"] == 3
+
+
+def test_a_deleted_database_gives_old_cursors_a_gap(start, tmp_path):
+    db = tmp_path / "chat.db"
+    srv = start("--db", str(db))
+    first = srv.post({"body": "before"}).json()
+    srv.stop()
+    db.unlink()
+    srv = start("--db", str(db))
+    answer = srv.get(f"/chat/updates?cursor={first['id']}").json()
+    assert answer["gap"] is True and answer["cursor"] > first["id"]
+
+
+def test_a_retried_client_id_gets_its_original_after_a_restart(start, tmp_path):
+    flags = ("--db", str(tmp_path / "chat.db"))
+    srv = start(*flags)
+    original = srv.post({"body": "once", "client_id": "c-1"})
+    assert original.status == 201
+    srv = restart(srv, start, *flags)
+    retry = srv.post({"body": "once", "client_id": "c-1"})
+    assert retry.status == 200 and retry.json() == original.json()
+    assert srv.get("/chat/updates").json()["messages"] == [original.json()]
+
+
+def test_feeds_publish_nothing_twice_after_a_restart_and_ask_conditionally(start, tmp_path, feeds):
+    url = feeds.feed("/etag.xml", atom(numbered(1, 8)), etag='"v1"')
+    flags = ("--db", str(tmp_path / "feeds.db"), "--feed", url)
+    srv = start(*flags)
+    status = srv.wait_for(lambda s: s["feeds"][0]["entries"] == 5)
+    before = srv.get("/feed/updates").json()
+    assert [e["title"] for e in before["entries"]] == [f"Entry {n}" for n in range(4, 9)]
+    srv = restart(srv, start, *flags)
+    status = srv.wait_for(lambda s: s["feeds"][0]["last_checked"] is not None)
+    assert feeds.requests[-1]["If-None-Match"] == '"v1"'                     # conditional from the start
+    assert srv.get("/feed/updates").json() == before                        # nothing published again
+    assert status["feeds"][0]["entries"] == 5 and status["feeds"][0]["title"] == "Fixture Atom"
+    # The dedupe memory came back too: an unconditional fetch of the same entries adds nothing.
+    feeds.feed("/etag.xml", atom(numbered(1, 9)), etag='"v2"')
+    srv = restart(srv, start, *flags)
+    srv.wait_for(lambda s: s["feeds"][0]["entries"] == 6)
+    assert [e["title"] for e in srv.get(f"/feed/updates?cursor={before['cursor']}").json()["entries"]] == ["Entry 9"]
+
+
+def test_sigkill_under_load_loses_nothing_acknowledged(start, tmp_path):
+    flags = ("--db", str(tmp_path / "chat.db"), "--history", "5000", "--post-burst", "100000",
+             "--post-rate", "100000")
+    srv = start(*flags)
+    acknowledged, stop = [], False
+
+    def poster(n):
+        for i in itertools.count():
+            if stop:
+                return
+            try:
+                resp = srv.post({"body": f"{n}-{i}"}, timeout=5)
+            except OSError:
+                return                      # the server is gone
+            if resp.status == 201:
+                acknowledged.append(resp.json())
+    posters = [eventlet.spawn(poster, n) for n in range(8)]
+    while len(acknowledged) < 300:
+        eventlet.sleep(0.01)
+    srv.proc.kill()                         # SIGKILL: no chance to tidy up
+    srv.proc.wait()
+    stop = True
+    for p in posters:
+        p.wait()
+    srv = start(*flags)
+    kept = srv.get("/chat/updates").json()["messages"]
+    ids = [m["id"] for m in kept]
+    assert ids == list(range(ids[0], ids[0] + len(ids)))                   # in order, none missing
+    assert all(m in kept for m in acknowledged), "an acknowledged message was lost"
+    assert srv.post({"body": "next"}).json()["id"] == ids[-1] + 1           # no id reused
+
+
+def start_fails(*flags):
+    """Run the app expecting it to refuse to start; return what it said."""
+    proc = subprocess.run([sys.executable, "longpoll.py", "--port", "0", "--feeds", os.devnull, *flags],
+                          cwd=HERE, capture_output=True, text=True, timeout=30)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr and proc.stdout == ""
+    return proc.stderr
+
+
+def test_bad_database_files_get_clear_errors(tmp_path):
+    assert "cannot create or open" in start_fails("--db", str(tmp_path / "no-such-dir" / "x.db"))
+    assert "cannot create or open" in start_fails("--db", str(tmp_path))        # a folder
+    (tmp_path / "text.db").write_text("these are not the droids\n" * 100)
+    assert "not a longpoll database" in start_fails("--db", str(tmp_path / "text.db"))
+    newer = tmp_path / "newer.db"
+    with sqlite3.connect(newer) as db:
+        db.execute("PRAGMA user_version = 99")
+    assert "newer version" in start_fails("--db", str(newer))
+
+
+def test_a_damaged_database_gets_a_clear_error(start, tmp_path):
+    db = tmp_path / "chat.db"
+    srv = start("--db", str(db), "--post-burst", "1000", "--post-rate", "1000")
+    for n in range(100):
+        srv.post({"body": f"{n} " + "x" * 1000})
+    srv.stop()                              # a clean stop checkpoints the WAL into the file
+    data = bytearray(db.read_bytes())
+    data[8192:16384] = b"\xff" * 8192      # scribble over pages past the header
+    db.write_bytes(bytes(data))
+    assert "not a longpoll database, or damaged" in start_fails("--db", str(db))
+
+
+def test_a_second_copy_on_the_same_database_is_refused(start, tmp_path):
+    db = str(tmp_path / "chat.db")
+    first = start("--db", db)
+    assert "another copy of longpoll is using this file" in start_fails("--db", db)
+    assert first.post({"body": "still mine"}).status == 201
+
+
+def test_a_failing_write_answers_503_and_publishes_nothing(start, tmp_path):
+    srv = start("--db", str(tmp_path / "chat.db"), "--post-burst", "1000", "--post-rate", "1000")
+    # The server may not grow any file past 256 KB from now on, as on a full disk.
+    resource.prlimit(srv.proc.pid, resource.RLIMIT_FSIZE, (256 * 1024, resource.RLIM_INFINITY))
+    cursor = srv.cursor()
+    poll = spawn_poll(srv, f"/chat/updates?cursor={cursor}")
+    for n in itertools.count():
+        resp = srv.post({"body": f"{n} " + "x" * 1900})
+        if resp.status != 201:
+            break
+        assert n < 1000, "the file limit was never reached"
+        cursor = resp.json()["id"]
+    assert resp.status == 503 and int(resp.headers["Retry-After"]) >= 1 and "store" in resp.json()["error"]
+    assert srv.cursor() == cursor                                          # nothing published
+    storage_status = srv.status()["storage"]
+    assert storage_status["ok"] is False and "disk" in storage_status["error"]
+    resource.prlimit(srv.proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)   # room again
+    after = srv.post({"body": "there is room again"})
+    assert after.status == 201 and after.json()["id"] == cursor + 1
+    assert srv.status()["storage"]["ok"] is True
+    assert poll.wait().status == 200
+
+
+def test_feed_entries_that_could_not_be_stored_are_retried(feeds, tmp_path, monkeypatch):
+    store = storage.Store(str(tmp_path / "feeds.db"), 200)
+    monkeypatch.setattr(longpoll.feed, "store", store)
+    f = longpoll.Feed(feeds.feed("/f.xml", atom(numbered(1, 3)), etag='"v1"'))
+    real_write = store.write
+
+    def full_disk(*args, **kw):
+        raise storage.StoreError("cannot write: database or disk is full (is the disk full?)")
+    monkeypatch.setattr(store, "write", full_disk)
+    assert published_by(f.check)[1] == []
+    assert f.ok is False and f.error.startswith("cannot store entries") and f.etag is None
+    monkeypatch.setattr(store, "write", real_write)
+    _, entries = published_by(f.check)
+    assert "If-None-Match" not in feeds.requests[-1]                         # fetched in full again
+    assert [e["title"] for e in entries] == ["Entry 1", "Entry 2", "Entry 3"]
+    assert store.feed_state(f.url)["seen"] == ["urn:e3", "urn:e2", "urn:e1"]
