@@ -559,7 +559,7 @@ class Feed:
         for e in entries:
             if e["key"] not in seen:
                 new.setdefault(e["key"], e)     # an entry listed twice in one fetch is new once
-        for e in entries:
+        for e in reversed(entries):         # oldest first, so the oldest are the ones forgotten
             seen[e["key"]] = None
             seen.move_to_end(e["key"])
         while len(seen) > max(SEEN_PER_FEED, len(entries)):

@@ -203,6 +203,94 @@ def test_the_page_reconnects_after_a_server_restart(start, open_page):
     second.post({"nick": "server", "body": "after the restart"})
     expect(page.locator("#messages .text")).to_have_text(
         ["before the restart", "posted before the page is back", "after the restart"], timeout=5000)
+    # The history was lost with the process: the page says so, once.
+    expect(page.locator("#messages .gap")).to_have_text(["Some messages were missed while you were away."])
+
+
+def test_a_post_whose_answer_is_lost_is_retried_with_its_client_id_and_shown_once(chat_server, open_page):
+    from playwright.sync_api import expect
+    page = open_page(f"http://{chat_server.host}:{chat_server.port}/")
+    sent = []
+
+    def lose_first_answer(route):
+        sent.append(route.request.post_data_json)
+        if len(sent) == 1:
+            route.fetch()                   # the server gets it and posts it...
+            route.abort("connectionreset")  # ...and the page never hears back
+        else:
+            route.continue_()
+    page.route("**/chat/messages", lose_first_answer)
+    send(page, "only once")
+    expect(page.locator("#messages .text")).to_have_text(["only once"], timeout=5000)
+    deadline = time.monotonic() + 10
+    while len(sent) < 2 and time.monotonic() < deadline:
+        page.wait_for_timeout(50)           # the retry comes after a backoff of a second or so
+    assert len(sent) == 2 and sent[0]["client_id"] == sent[1]["client_id"] and sent[0]["client_id"]
+    expect(page.locator("#notice")).to_be_hidden()
+    assert [m["body"] for m in chat_server.get("/chat/updates").json()["messages"]] == ["only once"]
+    page.wait_for_timeout(300)          # one more poll's worth: still shown once
+    expect(page.locator("#messages .text")).to_have_text(["only once"])
+
+
+# Logs, by the page's own clock, when each long poll starts.
+RECORD_POLLS = """
+window.polls = [];
+const realFetch = window.fetch;
+window.fetch = (url, options) => {
+  if (String(url).includes("/updates")) window.polls.push(Date.now());
+  return realFetch(url, options);
+};
+"""
+
+
+def test_retries_while_the_server_is_away_back_off_with_jitter(chat_server, browser):
+    context = browser.new_context()
+    context.add_init_script(RECORD_POLLS)
+    page = context.new_page()
+    page.clock.install()                # timers run on a clock the test moves
+    page.route("**/chat/updates*", lambda route: route.abort("connectionrefused"))
+    page.goto(f"http://{chat_server.host}:{chat_server.port}/")
+    for _ in range(6000):               # ten minutes of the page's time, 100 ms a step
+        page.clock.run_for(100)
+    polls = page.evaluate("window.polls")
+    context.close()
+    gaps = [b - a for a, b in zip(polls, polls[1:])]
+    assert len(gaps) >= 20, gaps
+    # Growing: each retry waits about twice as long as the one before, up to 30 s
+    # (give or take the 100 ms step in which the refused request settles).
+    ceilings = [min(30000, 500 * 2 ** min(n, 6)) for n in range(1, len(gaps) + 1)]
+    assert all(c / 2 - 50 <= g <= c + 150 for g, c in zip(gaps, ceilings)), gaps
+    # Jittered: each wait is drawn from the upper half below its ceiling, so
+    # browsers do not all return at one instant. (Twenty draws spanning less
+    # than half that range: about one chance in a million.)
+    ratios = [g / c for g, c in zip(gaps[2:], ceilings[2:])]
+    assert max(ratios) - min(ratios) > 0.25, gaps
+
+
+def test_feed_links_that_are_not_web_links_are_not_links_on_the_page(chat_server, open_page, browser):
+    from playwright.sync_api import expect
+    context = browser.new_context()
+    page = context.new_page()
+    entries = [{"id": n + 1, "feed": "Straight to the page", "title": f"Entry {n}", "link": link,
+                "summary": "", "published": None}
+               for n, link in enumerate(["javascript:window.pwned=1", "data:text/html,<b>x</b>",
+                                         " JavaScript:window.pwned=2", "https://example.com/ok"])]
+    answered = []
+
+    def deliver(route):
+        if not answered:
+            answered.append(1)
+            route.fulfill(json={"entries": entries, "cursor": 4})
+        else:
+            route.fulfill(json={"entries": [], "cursor": 4})
+    page.route("**/feed/updates*", deliver)
+    page.goto(f"http://{chat_server.host}:{chat_server.port}/feed?pace=50")
+    expect(page.locator("#entries .entry")).to_have_count(4, timeout=5000)
+    links = page.locator("#entries a.title")
+    expect(links).to_have_count(1)
+    expect(links).to_have_attribute("href", "https://example.com/ok")
+    assert page.evaluate("window.pwned") is None
+    context.close()
 
 
 def test_the_page_survives_a_restart_with_its_database_and_misses_nothing(start, open_page, tmp_path):
@@ -231,9 +319,13 @@ HOSTILE_ENTRIES = [(f"urn:h{n}", escape(text), "javascript:window.pwned=9", text
 
 
 @pytest.fixture
-def feed_setup(start, tmp_path):
+def feed_setup(request, start, tmp_path):
+    """A feed server, configured before the app starts (so its first fetch sees
+    what the test wants), and the app polling it. A test marked
+    @pytest.mark.first_feed(body) serves that body first; else hostile entries."""
+    marker = request.node.get_closest_marker("first_feed")
     feeds = FeedServer()
-    feeds.feed("/a.xml", atom(HOSTILE_ENTRIES + numbered(1, 1), title="Fixture Atom"))
+    feeds.feed("/a.xml", marker.args[0] if marker else atom(HOSTILE_ENTRIES + numbered(1, 1), title="Fixture Atom"))
     feeds.status("/broken.xml", 500)
     listing = tmp_path / "feeds.txt"
     listing.write_text(f"{feeds.url}/a.xml\n{feeds.url}/broken.xml\n")
@@ -314,18 +406,21 @@ def test_feed_page_never_scrolls(feed_setup, open_page):
     assert 3 <= sizes["shown"] < 40, sizes          # old entries were dropped
 
 
+SHOWCASE = atom([
+    (f"urn:s{n}", title, f"https://example.com/{n}", summary) for n, (title, summary) in enumerate([
+        ("Green threads explained in five minutes", "Why a parked request costs kilobytes, not a thread."),
+        ("Long polling versus WebSockets", "Plain HTTP works through every proxy; here is what it costs."),
+        ("Feed parsing without freezing the server", "Moving CPU-bound work off the hub."),
+        ("A chat room in one small file", "Bottle, eventlet and one Event per stream."),
+        ("Backoff with jitter", "How a thousand browsers come back after a restart without a stampede."),
+    ])], title="Engineering notes")
+
+
+@pytest.mark.first_feed(SHOWCASE)
 def test_both_pages_fit_desktop_and_phone_and_are_photographed(feed_setup, open_page):
     """Each page fits its viewport without sideways scrolling; the screenshots go in docs/ for the README."""
     from playwright.sync_api import expect
     srv, feeds = feed_setup
-    feeds.feed("/a.xml", atom([
-        (f"urn:s{n}", title, f"https://example.com/{n}", summary) for n, (title, summary) in enumerate([
-            ("Green threads explained in five minutes", "Why a parked request costs kilobytes, not a thread."),
-            ("Long polling versus WebSockets", "Plain HTTP works through every proxy; here is what it costs."),
-            ("Feed parsing without freezing the server", "Moving CPU-bound work off the hub."),
-            ("A chat room in one small file", "Bottle, eventlet and one Event per stream."),
-            ("Backoff with jitter", "How a thousand browsers come back after a restart without a stampede."),
-        ])], title="Engineering notes"))
     srv.post({"nick": "ada", "body": "Has anyone tried the feed page? It never scrolls."})
     srv.post({"nick": "grace", "body": "Yes, hover over it and it pauses. Docs: https://example.com/longpoll"})
     srv.post({"nick": "linus", "body": "<script>alert('hi')</script> shows up as plain text, as it should."})
@@ -337,6 +432,9 @@ def test_both_pages_fit_desktop_and_phone_and_are_photographed(feed_setup, open_
         chat.screenshot(path=SHOTS / f"chat-{name}.png")
         feed = open_page(f"http://{srv.host}:{srv.port}/feed?pace=100", viewport=size)
         expect(feed.locator("#entries .entry")).to_have_count(5, timeout=10000)
+        expect(feed.locator("#entries .title")).to_have_text([      # the showcase, newest on top
+            "Green threads explained in five minutes", "Long polling versus WebSockets",
+            "Feed parsing without freezing the server", "A chat room in one small file", "Backoff with jitter"])
         expect(feed.locator("#feeds")).to_contain_text("HTTP 500")
         feed.wait_for_timeout(600)                 # let the last entry's fade-in finish
         fits(feed, "#stream")

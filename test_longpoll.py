@@ -96,6 +96,20 @@ def test_publish_between_look_and_wait_is_not_lost(monkeypatch):
     assert [i["body"] for i in items] == ["raced"] and cursor == 1
 
 
+def test_publish_wakes_nobody_before_the_hubs_next_turn():
+    stream = longpoll.Stream("messages", 10, first_id=1)
+    waiter = eventlet.spawn(stream.wait, 0, 5)
+    eventlet.sleep(0)
+    sent = stream.event
+    stream.publish({"body": "hello"})
+    # The poster answers its own client first; a send inside publish() would
+    # schedule every waiter's wake-up in the poster's request.
+    assert not sent.ready() and not waiter.dead
+    eventlet.sleep(0)
+    assert sent.ready()
+    assert waiter.wait()[0] == [{"id": 1, "body": "hello"}]
+
+
 def test_wait_times_out_empty_at_the_same_cursor():
     stream = longpoll.Stream("messages", 10, first_id=1)
     stream.publish({"body": "old"})
@@ -342,12 +356,17 @@ def test_bad_posts_get_a_4xx_json_error_and_change_nothing(server, body, headers
 
 
 def test_fine_posts_at_the_limits(server):
+    before = server.cursor()
     assert server.post({"nick": "n" * 32, "body": "b" * 2000}).status == 201
     assert server.post({"body": "tab\tand\nnewline"}).status == 201
     origin = f"http://{server.host}:{server.port}"
     assert server.post({"body": "same origin"}, headers={"Origin": origin}).status == 201
     charset = {"Content-Type": "application/json; charset=utf-8"}
     assert server.post(json.dumps({"body": "é"}), headers=charset).status == 201
+    stored = server.get(f"/chat/updates?cursor={before}").json()["messages"]
+    assert [(m["nick"], m["body"]) for m in stored] == [
+        ("n" * 32, "b" * 2000), ("anonymous", "tab\tand\nnewline"), ("anonymous", "same origin"),
+        ("anonymous", "é")]
 
 
 @pytest.mark.parametrize("cursor", ["-1", "abc", "1.5", "", "1e3", "0x10", "%201", "9" * 40, "%C2%B2", "1%00"])
@@ -452,16 +471,18 @@ def test_bad_flags_are_refused_clearly():
 def feeds(monkeypatch):
     monkeypatch.setattr(longpoll.settings, "feed_interval", 60.0)
     monkeypatch.setattr(longpoll.settings, "fetch_timeout", 2.0)
+    monkeypatch.setattr(longpoll, "feed", longpoll.Stream("entries", 100_000, first_id=1))  # this test's own
     srv = FeedServer()
     yield srv
     srv.close()
 
 
 def published_by(feed_check):
-    """Run a Feed.check(); return (its delay, the entries it published)."""
-    before = longpoll.feed.last_id
+    """Run a Feed.check(); return (its delay, the entries it published), read from
+    what the feed stream holds, not through since()."""
+    before = len(longpoll.feed.items)
     delay = feed_check()
-    return delay, longpoll.feed.since(before)[0]
+    return delay, list(longpoll.feed.items)[before:]
 
 
 def test_atom_entries_become_plain_text_json(feeds):
@@ -475,7 +496,7 @@ def test_atom_entries_become_plain_text_json(feeds):
     assert entry["feed"] == "Fixture Atom" and entry["title"] == "Bold & co"
     assert entry["link"] == "http://example.com/x"
     assert entry["summary"].startswith("Hello world, spaced <out> word word")
-    assert "alert" not in entry["summary"] and len(entry["summary"]) <= longpoll.SUMMARY_CHARS + 1
+    assert "alert" not in entry["summary"] and len(entry["summary"]) <= 400 + 1
     assert entry["summary"].endswith("…")
     assert entry["published"] == "2026-11-28T10:00:00Z"
 
@@ -617,16 +638,29 @@ def test_a_feed_that_renews_every_id_is_a_bounded_burst(feeds):
     published_by(f.check)
     feeds.feed("/renew", atom([("new-" + i, t, link, s) for i, t, link, s in numbered(1, 500)]))
     entries = published_by(f.check)[1]
-    assert len(entries) == longpoll.MAX_NEW_PER_FETCH
+    assert [e["title"] for e in entries] == [f"Entry {n}" for n in range(471, 501)]    # 30, oldest first
     assert published_by(f.check)[1] == []        # and they are all remembered as seen
 
 
 def test_thousands_of_entries_in_one_fetch(feeds):
     f = longpoll.Feed(feeds.feed("/many", atom(numbered(1, 3000))))
-    assert len(published_by(f.check)[1]) == longpoll.FIRST_FETCH_ENTRIES
+    assert [e["title"] for e in published_by(f.check)[1]] == [f"Entry {n}" for n in range(2996, 3001)]
     feeds.feed("/many", atom(numbered(1, 3001)))
     assert [e["title"] for e in published_by(f.check)[1]] == ["Entry 3001"]
-    assert len(f.seen) <= max(longpoll.SEEN_PER_FEED, 3001)
+    assert len(f.seen) == 3001          # a fetch's own entries are all remembered, however many
+
+
+def test_the_seen_memory_stays_at_its_bound_and_forgets_the_oldest(feeds):
+    f = longpoll.Feed(feeds.feed("/busy", atom(numbered(1, 10))))
+    published_by(f.check)
+    for first in range(11, 3011, 600):          # five fetches of 600 new entries each
+        feeds.feed("/busy", atom(numbered(first, first + 599)))
+        published_by(f.check)
+        assert len(f.seen) <= 1000
+    assert list(f.seen) == [f"urn:e{n}" for n in range(2011, 3011)]      # the newest 1,000
+    # What was forgotten is new again: a feed that lists it once more gets it published.
+    feeds.feed("/busy", atom(numbered(1, 1)))
+    assert [e["title"] for e in published_by(f.check)[1]] == ["Entry 1"]
 
 
 def test_parsing_a_big_feed_does_not_stall_the_hub(feeds):
@@ -643,7 +677,8 @@ def test_parsing_a_big_feed_does_not_stall_the_hub(feeds):
         last = now
     assert f.ok and len(gaps) > 20
     # In the hub, parsing would freeze it for the whole parse (seconds).
-    assert max(gaps) < 0.1, max(gaps)
+    # Threshold far above a busy CI machine's scheduling noise, far below a parse in the hub.
+    assert max(gaps) < 1.0, max(gaps)
 
 
 def test_feed_lists_from_text_and_opml():
@@ -707,6 +742,7 @@ def test_a_fast_typist_passes_and_a_flood_is_refused(start):
     srv = start()                       # the default limits
     fast = [srv.post({"body": f"quick {n}"}) for n in range(5)]
     assert [r.status for r in fast] == [201] * 5
+    assert [m["body"] for m in srv.get("/chat/updates").json()["messages"]] == [f"quick {n}" for n in range(5)]
     before = srv.cursor()
     flood = [srv.post({"body": "spam"}) for _ in range(40)]
     refused = [r for r in flood if r.status == 429]
@@ -750,6 +786,8 @@ def test_forwarded_for_counts_only_from_a_trusted_proxy(start):
     same_client = [post_from(proxied, "127.0.0.5", {"body": "x"}, {"X-Forwarded-For": "10.9.9.9"})
                    for _ in range(3)]
     assert same_client == [201, 201, 429]
+    assert len(spoofed.get("/chat/updates").json()["messages"]) == 2
+    assert len(proxied.get("/chat/updates").json()["messages"]) == 5 + 2
 
 
 def test_poll_answers_tell_proxies_not_to_buffer(server):
@@ -885,6 +923,7 @@ def test_flood_buckets_expire_in_order_and_ipv6_counts_per_64(start):
     assert [via("2001:db8::1"), via("2001:db8::2"), via("2001:db8::ffff:1")] == [201, 201, 429]
     assert via("2001:db8:0:1::1") == 201                 # the next /64 is someone else
     assert [via("::ffff:10.1.1.1"), via("10.1.1.1"), via("10.1.1.1")] == [201, 201, 429]
+    assert len(srv.get("/chat/updates").json()["messages"]) == 2 + 1 + 2     # the refused changed nothing
 
 
 def test_token_buckets_forget_full_ones_without_a_scan(monkeypatch):
@@ -1074,6 +1113,7 @@ def test_a_second_copy_on_the_same_database_is_refused(start, tmp_path):
     first = start("--db", db)
     assert "another copy of longpoll is using this file" in start_fails("--db", db)
     assert first.post({"body": "still mine"}).status == 201
+    assert [m["body"] for m in first.get("/chat/updates").json()["messages"]] == ["still mine"]
 
 
 def test_a_failing_write_answers_503_and_publishes_nothing(start, tmp_path):
@@ -1114,4 +1154,4 @@ def test_feed_entries_that_could_not_be_stored_are_retried(feeds, tmp_path, monk
     _, entries = published_by(f.check)
     assert "If-None-Match" not in feeds.requests[-1]                         # fetched in full again
     assert [e["title"] for e in entries] == ["Entry 1", "Entry 2", "Entry 3"]
-    assert store.feed_state(f.url)["seen"] == ["urn:e3", "urn:e2", "urn:e1"]
+    assert store.feed_state(f.url)["seen"] == ["urn:e1", "urn:e2", "urn:e3"]
