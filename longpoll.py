@@ -682,7 +682,8 @@ def status():
 def page(name, **values):
     bottle.response.set_header("Content-Security-Policy",
                                "default-src 'self'; img-src 'self' data:; object-src 'none'")
-    return bottle.template(name, **values)
+    # The page learns the poll timeout, to notice a poll that outlives it on a dead connection.
+    return bottle.template(name, poll_timeout=f"{settings.poll_timeout:g}", **values)
 
 
 @app.get("/")

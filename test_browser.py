@@ -10,6 +10,7 @@ import re
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from xml.sax.saxutils import escape
 from pathlib import Path
@@ -350,6 +351,7 @@ document.addEventListener("DOMContentLoaded", () => {
 def test_feed_entries_flow_one_by_one_and_hover_pauses(feed_setup, browser):
     from playwright.sync_api import expect
     srv, feeds = feed_setup
+    srv.wait_for(lambda s: sum(f["entries"] for f in s["feeds"]) == 5)     # the first fetch is in
     context = browser.new_context()
     context.add_init_script(RECORD_ARRIVALS)
     errors = []
@@ -357,28 +359,34 @@ def test_feed_entries_flow_one_by_one_and_hover_pauses(feed_setup, browser):
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.goto(f"http://{srv.host}:{srv.port}/feed?pace=400")
     entries = page.locator("#entries .entry")
-    expect(entries).to_have_count(5, timeout=10000)
-    arrivals = page.evaluate("window.arrivals")
-    assert [a["added"] for a in arrivals] == [1] * 5            # one at a time
-    gaps = [b["at"] - a["at"] for a, b in zip(arrivals, arrivals[1:])]
-    assert all(300 < gap < 800 for gap in gaps), gaps          # at a steady pace
+    # A new page shows what is there at once, newest on top...
+    expect(entries).to_have_count(5, timeout=3000)
+    assert [a["added"] for a in page.evaluate("window.arrivals")] == [5]
     expect(page.locator("#feeds")).to_contain_text("HTTP 500")  # the broken feed, and why
     # Hostile titles and summaries are text, and their javascript: links are not links.
     assert page.locator("#entries .title").all_inner_texts() == HOSTILE + ["Entry 1"]
     assert page.locator("#entries a[href^='javascript']").count() == 0
     assert page.locator("#entries img, #entries script, #entries svg").count() == 0
     assert page.evaluate("window.pwned") is None
+    # ...and what arrives later flows in one at a time, at a steady pace.
+    feeds.feed("/a.xml", atom(numbered(1, 5) + HOSTILE_ENTRIES, title="Fixture Atom"))
+    expect(page.locator("#entries .title").first).to_have_text("Entry 5", timeout=10000)
+    arrivals = page.evaluate("window.arrivals")[1:]
+    assert [a["added"] for a in arrivals] == [1] * 4            # one at a time
+    gaps = [b["at"] - a["at"] for a, b in zip(arrivals, arrivals[1:])]
+    assert all(300 < gap < 800 for gap in gaps), gaps          # at a steady pace
     # Hover: the stream freezes while new entries keep filling the queue.
     page.hover("#entries")
     expect(page.locator("#pace")).to_have_text("Paused")
-    feeds.feed("/a.xml", atom(numbered(1, 8) + HOSTILE_ENTRIES, title="Fixture Atom"))
+    shown = entries.count()
+    feeds.feed("/a.xml", atom(numbered(1, 12) + HOSTILE_ENTRIES, title="Fixture Atom"))
     expect(page.locator("#waiting")).to_have_text("7 waiting", timeout=10000)
     page.wait_for_timeout(1200)                 # three steps' worth of time, paused
-    expect(entries).to_have_count(5)
+    expect(entries).to_have_count(shown)
     page.mouse.move(0, 0)
     expect(page.locator("#pace")).to_have_text("Live")
     expect(page.locator("#waiting")).to_have_text("0 waiting", timeout=5000)
-    expect(page.locator("#entries .title").first).to_have_text("Entry 8")
+    expect(page.locator("#entries .title").first).to_have_text("Entry 12")
     # On a touch screen there is no hover: the Live button pauses and resumes.
     page.click("#pace")
     expect(page.locator("#pace")).to_have_text("Paused")
@@ -504,3 +512,255 @@ def test_chat_through_the_readme_nginx_config(start, open_page, nginx):
     expect(bob.locator("#messages .text")).to_have_text(["through the proxy"], timeout=2000)
     expect(alice.locator("#notice")).to_be_hidden()
     assert app.status()["streams"]["chat"]["waiting"] == 2     # both polls park through the proxy
+
+
+# -- Many tabs in one browser --------------------------------------------------
+# Only pages of one browser context share a connection pool (six per host) and
+# Web Locks, as the tabs of one browser profile do.
+
+NO_WEB_LOCKS = "delete Navigator.prototype.locks;"
+# A tab is hidden unless its address ends in #shown; window.reveal() shows it.
+VISIBILITY = """
+window.__shown = location.hash === "#shown";
+Object.defineProperty(document, "visibilityState", {get: () => window.__shown ? "visible" : "hidden"});
+Object.defineProperty(document, "hidden", {get: () => !window.__shown});
+window.reveal = () => { window.__shown = true; document.dispatchEvent(new Event("visibilitychange")); };
+"""
+
+
+@pytest.fixture
+def tabs(browser):
+    """One browser context; tabs(base, paths) opens a tab for each path, each
+    within 3 s, and returns them. Uncaught errors on any page fail the test."""
+    from playwright.sync_api import expect
+    contexts, errors = [], []
+
+    def open_tabs(base, paths, *init_scripts):
+        context = browser.new_context()
+        contexts.append(context)
+        for script in init_scripts:
+            context.add_init_script(script)
+        pages = []
+        for path in paths:
+            page = context.new_page()
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            started = time.monotonic()
+            page.goto(base + path)
+            expect(page.locator("#state")).to_have_text("Live", timeout=3000)
+            assert time.monotonic() - started < 3, f"{path} took {time.monotonic() - started:.1f} s"
+            pages.append(page)
+        return pages
+    yield open_tabs
+    for context in contexts:
+        context.close()
+    assert errors == [], errors
+
+
+TIMED_POST = """async body => {
+  const started = performance.now();
+  const res = await fetch("/chat/messages", {method: "POST", body: JSON.stringify({nick: "tab", body}),
+                                             headers: {"Content-Type": "application/json"}});
+  return [res.status, performance.now() - started];
+}"""
+
+
+def parked(srv):
+    streams = srv.status()["streams"]
+    return streams["chat"]["waiting"], streams["feed"]["waiting"]
+
+
+def test_eight_tabs_share_one_poll_per_stream_and_posts_never_wait(start, tabs):
+    from playwright.sync_api import expect
+    srv = start("--poll-timeout", "20")
+    pages = tabs(f"http://127.0.0.1:{srv.port}", ["/", "/feed"] * 5)
+    chats = pages[0::2]
+    srv.wait_for(lambda s: parked(srv) == (1, 1))
+    status, ms = chats[3].evaluate(TIMED_POST, "timed from a tab")
+    assert status == 201 and ms < 1000, ms
+    send(chats[4], "typed in the last tab")
+    for page in chats:
+        expect(page.locator("#messages .text")).to_have_text(
+            ["timed from a tab", "typed in the last tab"], timeout=2000)
+    assert parked(srv) == (1, 1)
+    assert sum(p.locator("#state").get_attribute("data-role") == "leader" for p in pages) == 2
+
+
+def leaders(pages):
+    return [p for p in pages if p.locator("#state").get_attribute("data-role") == "leader"]
+
+
+def test_closing_or_reloading_the_leader_stalls_nothing_and_repeats_nothing(start, tabs):
+    from playwright.sync_api import expect
+    srv = start("--poll-timeout", "20")
+    chats = tabs(f"http://127.0.0.1:{srv.port}", ["/"] * 4 + ["/feed"] * 2)[:4]
+    srv.post({"body": "before the close"})
+    for page in chats:
+        expect(page.locator("#messages .text")).to_have_text(["before the close"], timeout=2000)
+    [leader] = leaders(chats)
+    chats.remove(leader)
+    leader.close()
+    srv.post({"body": "just after the close"})
+    for page in chats:
+        expect(page.locator("#messages .text")).to_have_text(
+            ["before the close", "just after the close"], timeout=3000)
+    srv.wait_for(lambda s: parked(srv) == (1, 1), timeout=5)
+    [leader] = leaders(chats)
+    leader.reload()
+    srv.post({"body": "after the reload"})
+    for page in chats:
+        expect(page.locator("#messages .text")).to_have_text(
+            ["before the close", "just after the close", "after the reload"], timeout=3000)
+    srv.wait_for(lambda s: parked(srv) == (1, 1), timeout=5)
+    # A late tab shows the history at once.
+    late = tabs(f"http://127.0.0.1:{srv.port}", ["/"])[0]
+    expect(late.locator("#messages .text")).to_have_text(
+        ["before the close", "just after the close", "after the reload"])
+    expect(late.locator("#messages .gap")).to_have_count(0)
+
+
+def test_a_frozen_leader_is_taken_over_by_a_visible_tab(start, tabs):
+    from playwright.sync_api import expect
+    srv = start("--poll-timeout", "2")
+    chats = tabs(f"http://127.0.0.1:{srv.port}", ["/"] * 3)
+    [leader] = leaders(chats)
+    followers = [p for p in chats if p is not leader]
+    # Frozen as a background tab is: no script runs, and it keeps its lock.
+    cdp = leader.context.new_cdp_session(leader)
+    cdp.send("Debugger.enable")
+    cdp.send("Debugger.pause")
+    srv.post({"body": "while the leader is frozen"})
+    for page in followers:    # silence of 2 + 10 s, then a follower steals the lock and polls
+        expect(page.locator("#messages .text")).to_have_text(["while the leader is frozen"], timeout=20000)
+    assert len(leaders(followers)) == 1
+    cdp.send("Debugger.resume")
+    expect(leader.locator("#state")).to_have_attribute("data-role", "follower", timeout=5000)
+    srv.post({"body": "after it woke"})
+    for page in chats:
+        expect(page.locator("#messages .text")).to_have_text(
+            ["while the leader is frozen", "after it woke"], timeout=5000)
+
+
+def test_without_web_locks_only_visible_tabs_poll(start, tabs):
+    from playwright.sync_api import expect
+    srv = start("--poll-timeout", "20")
+    pages = tabs(f"http://127.0.0.1:{srv.port}", ["/#shown", "/feed#shown"] + ["/", "/feed"] * 3,
+                 NO_WEB_LOCKS, VISIBILITY)
+    assert pages[0].evaluate("navigator.locks") is None
+    srv.wait_for(lambda s: parked(srv) == (1, 1))
+    hidden_chat = pages[2]
+    status, ms = hidden_chat.evaluate(TIMED_POST, "from a hidden tab")
+    assert status == 201 and ms < 1000, ms
+    expect(pages[0].locator("#messages .text")).to_have_text(["from a hidden tab"], timeout=2000)
+    hidden_chat.evaluate("window.reveal()")
+    expect(hidden_chat.locator("#messages .text")).to_have_text(["from a hidden tab"], timeout=2000)
+    srv.wait_for(lambda s: parked(srv) == (2, 1))             # now two visible chat tabs poll
+    srv.post({"body": "after it was shown"})                  # and both pass it to every tab
+    for page in pages[0::2]:
+        expect(page.locator("#messages .text")).to_have_text(
+            ["from a hidden tab", "after it was shown"], timeout=2000)
+    pages[0].wait_for_timeout(500)          # every copy of the broadcast has landed: still once each
+    for page in pages[0::2]:
+        expect(page.locator("#messages .text")).to_have_text(["from a hidden tab", "after it was shown"])
+
+
+def test_a_tab_that_missed_a_broadcast_while_loading_catches_up(start, tabs):
+    from playwright.sync_api import expect
+    srv = start("--poll-timeout", "20")
+    srv.post({"body": "already there"})
+    [leader] = tabs(f"http://127.0.0.1:{srv.port}", ["/"])
+    late = leader.context.new_page()
+    held = []
+    late.route("**/chat/updates", lambda route: route.continue_() if held else held.append(route))
+    late.goto(f"http://127.0.0.1:{srv.port}/")
+    history = held[0].fetch()                   # the history, from before the message below
+    srv.post({"body": "sent while the new tab loads"})
+    expect(leader.locator("#messages .text")).to_have_text(["already there", "sent while the new tab loads"])
+    held[0].fulfill(response=history)           # the new tab had no cursor when the leader told it
+    expect(late.locator("#state")).to_have_text("Live")
+    srv.post({"body": "the next one"})          # starts past the new tab's cursor: it catches up
+    expect(late.locator("#messages .text")).to_have_text(       # each once: the history is not repeated
+        ["already there", "sent while the new tab loads", "the next one"], timeout=3000)
+    expect(late.locator("#messages .gap")).to_have_count(0)
+
+
+class Relay:
+    """A TCP relay to the app that can stop forwarding without closing anything,
+    as a sleeping laptop's or a forgetful NAT's connections do."""
+
+    def __init__(self, port):
+        self.target, self.flowing, self.socks = port, threading.Event(), []
+        self.flowing.set()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self):
+        while True:
+            try:
+                client = self.listener.accept()[0]
+            except OSError:
+                return
+            alive = self.flowing.is_set()   # a connection made while cut off never flows
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            self.socks += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self.pump, args=(a, b, alive), daemon=True).start()
+
+    def pump(self, src, dst, alive):
+        try:
+            while data := src.recv(65536):
+                if not (alive and self.flowing.is_set()):
+                    alive = False           # cut off: swallow everything, for good
+                    continue
+                dst.sendall(data)
+        except OSError:
+            pass
+
+    def close(self):
+        self.listener.close()
+        for sock in self.socks:
+            sock.close()
+
+
+def test_a_dead_connection_is_noticed_and_the_page_recovers(start, open_page):
+    from playwright.sync_api import expect
+    srv = start("--poll-timeout", "2")
+    relay = Relay(srv.port)
+    try:
+        page = open_page(f"http://127.0.0.1:{relay.port}/")
+        expect(page.locator("#state")).to_have_text("Live")
+        relay.flowing.clear()
+        # The poll in flight never answers; its deadline (2 + 5 s) gives up on it.
+        expect(page.locator("#state")).to_have_text("Reconnecting…", timeout=10000)
+        srv.post({"body": "posted while cut off"})
+        relay.flowing.set()                 # new connections flow again
+        expect(page.locator("#messages .text")).to_have_text(["posted while cut off"], timeout=20000)
+        expect(page.locator("#state")).to_have_text("Live")
+    finally:
+        relay.close()
+
+
+def test_an_item_the_page_fails_on_is_skipped_and_nothing_is_shown_twice(chat_server, browser):
+    from playwright.sync_api import expect
+    context = browser.new_context()
+    page = context.new_page()
+    logged = []
+    page.on("console", lambda m: m.type == "error" and logged.append(m.text))
+    good = {"nick": "n", "time": 1764000000}
+    batch = {"messages": [{"id": 1, "body": "first", **good},
+                          {"id": 2, "body": "bad time", "nick": "n", "time": 1e20},   # an invalid date
+                          {"id": 3, "body": "third", **good}], "cursor": 3}
+    asked = []
+
+    def answer(route):
+        asked.append(route.request.url)
+        if len(asked) <= 3:                 # the batch, for as long as it is asked for
+            route.fulfill(json=batch)
+        else:
+            route.fulfill(json={"messages": [{"id": 4, "body": "fourth", **good}], "cursor": 4})
+    page.route("**/chat/updates*", answer)
+    page.goto(f"http://{chat_server.host}:{chat_server.port}/")
+    expect(page.locator("#messages .text")).to_have_text(["first", "third", "fourth"], timeout=5000)
+    assert "cursor=3" in asked[1]           # the cursor moved past the bad item
+    assert any("skipped item 2" in text for text in logged), logged
+    context.close()

@@ -43,12 +43,12 @@ function show(m) {
   messages.append(item);
 }
 
-longPoll("/chat/updates", batch => {
+longPoll("/chat/updates", "messages", (batch, gap) => {
   const atBottom = messages.scrollHeight - messages.scrollTop - messages.clientHeight < 40;
-  if (batch.gap) messages.append(el("li", "gap", "Some messages were missed while you were away."));
-  batch.messages.forEach(show);
+  if (gap) messages.append(el("li", "gap", "Some messages were missed while you were away."));
+  each(batch, show);
   while (messages.children.length > KEEP) messages.firstElementChild.remove();
-  if (atBottom || batch.messages.some(m => m.nick === nick.value.trim())) {
+  if (atBottom || batch.some(m => m.nick === nick.value.trim())) {
     messages.scrollTop = messages.scrollHeight;
   }
 });

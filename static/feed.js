@@ -50,15 +50,19 @@ function showCount() {
   pace.dataset.paused = String(paused());
 }
 
-// Move one entry from the queue to the top of the stream, then drop the
-// entries that no longer fit, so the page itself never grows.
-function step() {
-  if (paused() || !queue.length) return;
-  entries.prepend(render(queue.shift()));
+// Drop the entries that no longer fit, so the page itself never grows.
+function trim() {
   const bottom = stream.getBoundingClientRect().bottom;
   while (entries.children.length > 1 && entries.lastElementChild.getBoundingClientRect().top >= bottom) {
     entries.lastElementChild.remove();
   }
+}
+
+// Move one entry from the queue to the top of the stream.
+function step() {
+  if (paused() || !queue.length) return;
+  each([queue.shift()], e => entries.prepend(render(e)));
+  trim();
   showCount();
 }
 setInterval(step, STEP_MS);
@@ -67,8 +71,14 @@ entries.addEventListener("mouseenter", () => { hovering = true; showCount(); });
 entries.addEventListener("mouseleave", () => { hovering = false; showCount(); });
 pace.addEventListener("click", () => { pinned = !pinned; showCount(); });
 
-longPoll("/feed/updates", batch => {
-  queue.push(...batch.entries);
+longPoll("/feed/updates", "entries", (batch, gap, first) => {
+  if (first) {
+    // A new page shows the newest entries at once; only later ones are paced.
+    each(batch.slice(-50), e => entries.prepend(render(e)));
+    trim();
+    return;
+  }
+  queue.push(...batch);
   if (queue.length > MAX_QUEUE) queue.splice(0, queue.length - MAX_QUEUE);
   showCount();
 });

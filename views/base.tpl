@@ -7,7 +7,7 @@
 <link rel="icon" href="data:,">
 <link rel="stylesheet" href="/static/style.css">
 </head>
-<body class="page-{{page}}">
+<body class="page-{{page}}" data-poll-timeout="{{poll_timeout}}">
 <header class="bar">
   <a class="brand" href="/"><span class="logo" aria-hidden="true"></span>longpoll</a>
   <nav>

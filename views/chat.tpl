@@ -1,4 +1,4 @@
-% rebase('base.tpl', title=title, page='chat')
+% rebase('base.tpl', title=title, page='chat', poll_timeout=poll_timeout)
 <main class="chat">
   <ol id="messages" aria-live="polite" aria-label="Messages"></ol>
   <form id="compose" autocomplete="off">

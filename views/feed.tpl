@@ -1,4 +1,4 @@
-% rebase('base.tpl', title=title, page='feed')
+% rebase('base.tpl', title=title, page='feed', poll_timeout=poll_timeout)
 <main class="feed">
   <section id="stream" class="stream" aria-label="Live entries">
     <div class="queue">
