@@ -9,6 +9,7 @@ the load generator stays cheap next to the server. Standard library only.
     python bench.py                       # the full run, as in the README
     python bench.py --clients 1000 --rounds 2 --skip-feeds   # a quick look
     python bench.py --json bench.json     # also write the figures as JSON
+    python bench.py --compare             # green threads vs OS threads vs Tornado, parked clients
 """
 
 import argparse
@@ -36,14 +37,18 @@ TICKS = os.sysconf("SC_CLK_TCK")
 class App:
     """longpoll.py in its own process."""
 
-    def __init__(self, *flags, db=None):
-        if not any(f.startswith("--feed") for f in flags):
-            flags += ("--feeds", os.devnull)     # no public feeds: all traffic stays on loopback
-        # As by default, a database file (in a folder of its own), unless db=":memory:".
+    def __init__(self, *flags, db=None, script=None):
         self.folder = tempfile.TemporaryDirectory(prefix="longpoll-bench-")
-        flags += ("--db", db or os.path.join(self.folder.name, "longpoll.db"))
+        if script:                  # one of examples/, which takes --port and --poll-timeout
+            command = [str(HERE / "examples" / script), *flags]
+        else:
+            if not any(f.startswith("--feed") for f in flags):
+                flags += ("--feeds", os.devnull)     # no public feeds: all traffic stays on loopback
+            # As by default, a database file (in a folder of its own), unless db=":memory:".
+            flags += ("--db", db or os.path.join(self.folder.name, "longpoll.db"))
+            command = [str(HERE / "longpoll.py"), *flags]
         self.proc = subprocess.Popen(
-            [sys.executable, str(HERE / "longpoll.py"), "--port", "0", *flags],
+            [sys.executable, *command, "--port", "0"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         match = re.search(r"http://([\d.]+):(\d+)/", self.proc.stdout.readline())
         if not match:
@@ -66,6 +71,11 @@ class App:
         """Resident memory, bytes."""
         with open(f"/proc/{self.proc.pid}/statm") as f:
             return int(f.read().split()[1]) * PAGE
+
+    def address_space(self):
+        """Virtual memory reserved, bytes: what a thread's stack claims, touched or not."""
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            return int(re.search(r"VmSize:\s*(\d+)", f.read())[1]) * 1024
 
     def cpu(self):
         """User + system CPU seconds so far."""
@@ -171,7 +181,7 @@ def post_with_buckets(app, n, samples=200):
 
 def fan_out(app, n, rounds):
     """N parked clients, one message, time until each has it; and memory per parked client."""
-    idle_rss = app.rss()
+    idle_rss, idle_vm = app.rss(), app.address_space()
     clients = connect(app, n)
     sel = selectors.DefaultSelector()
     for c in clients:
@@ -179,12 +189,14 @@ def fan_out(app, n, rounds):
     results = []
     for _ in range(rounds):
         cursor = app.status()["streams"]["chat"]["last_id"]
+        parking = time.perf_counter()
         for c in clients:
             c.answered_at = None
             c.poll(b"/chat/updates", cursor)
         app.wait_until(lambda s: s["streams"]["chat"]["waiting"] == n, 120, f"{n} parked polls")
+        park_s = time.perf_counter() - parking
         early = sum(1 for key, _ in sel.select(timeout=0.2))   # anything answered before the post is wrong
-        parked_rss = app.rss()
+        parked_rss, parked_vm = app.rss(), app.address_space()
         start = time.perf_counter()
         status, message = app.request("POST", "/chat/messages", {"nick": "bench", "body": "fan-out"})
         post_ms = (time.perf_counter() - start) * 1000
@@ -202,8 +214,9 @@ def fan_out(app, n, rounds):
         latencies = [(c.answered_at - start) * 1000 for c in clients if c.answered_at]
         results.append({
             "p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99),
-            "max_ms": max(latencies), "post_ms": post_ms, "errors": errors,
-            "kb_per_client": (parked_rss - idle_rss) / n / 1024})
+            "max_ms": max(latencies), "post_ms": post_ms, "errors": errors, "park_s": park_s,
+            "kb_per_client": (parked_rss - idle_rss) / n / 1024,
+            "vm_kb_per_client": (parked_vm - idle_vm) / n / 1024})
     for c in clients:
         c.sock.close()
     sel.close()
@@ -334,9 +347,14 @@ def main():
     p.add_argument("--buckets", type=int, default=100000,
                    help="addresses holding flood-control buckets for the POST timing (default: 100000; 0 skips)")
     p.add_argument("--json", metavar="FILE", help="also write the figures to FILE as JSON")
+    p.add_argument("--compare", type=int, nargs="*", metavar="N",
+                   help="instead of the above: park N clients (default: 2000 10000) on the app's green "
+                        "threads, on one OS thread per connection, and on Tornado if it is installed")
     args = p.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if args.compare is not None:
+        return compare(args.compare or [2000, 10000], args.rounds, args.json)
     report = {"machine": f"{os.cpu_count()} cores, {platform()}", "fan_out": []}
 
     for n in args.clients:
@@ -385,6 +403,39 @@ def main():
     print_table(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
+
+
+def compare(sizes, rounds, json_file):
+    """The same long-poll contract on three kinds of server, each size on a fresh process."""
+    # A long poll timeout, so that a server slow to park N polls still has them all parked at once.
+    servers = [("eventlet green threads (longpoll.py)", {"db": ":memory:"}),
+               ("one OS thread per connection (threaded_server.py)", {"script": "threaded_server.py"})]
+    try:
+        import tornado
+        servers.append((f"Tornado {tornado.version} coroutines (tornado_server.py)", {"script": "tornado_server.py"}))
+    except ImportError:
+        print("tornado is not installed (pip install -r requirements-bench.txt): its row is left out")
+    rows = []
+    for name, how in servers:
+        for n in sizes:
+            app = App("--poll-timeout", "120", **how)
+            try:
+                r = fan_out(app, n, rounds)
+            finally:
+                app.stop()
+            rows.append({"server": name, **r})
+            print(f"{name}, {n} clients: p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms, "
+                  f"{r['kb_per_client']:.1f} KB/client, errors {r['errors']}", flush=True)
+    print(f"\nMachine: {os.cpu_count()} cores, {platform()}; server and load generator on the same box.\n")
+    print("| server | parked clients | memory per parked client (resident) | address space reserved "
+          "per parked client | time to park them all | fan-out p50 | fan-out p99 | errors |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['server']} | {r['clients']:,} | {r['kb_per_client']:.1f} KB | "
+              f"{r['vm_kb_per_client']:,.0f} KB | {r['park_s']:.1f} s | {r['p50_ms']:,.0f} ms | "
+              f"{r['p99_ms']:,.0f} ms | {r['errors']} |")
+    if json_file:
+        Path(json_file).write_text(json.dumps({"machine": platform(), "compare": rows}, indent=2))
 
 
 def platform():

@@ -188,9 +188,10 @@ class Stream:
     def __init__(self, key, history, first_id=None):
         self.key = key                  # the list's name in a response: "messages" or "entries"
         self.items = collections.deque(maxlen=history)
-        # Ids count up from the clock in microseconds, so a restarted server's
-        # ids are all above any cursor from the one before: a returning browser
-        # is told of a gap instead of silently skipping what it missed.
+        # A new stream's ids count up from the clock in microseconds (load()
+        # continues a stored one's), so even after its database is deleted they
+        # are all above any older cursor: a returning browser is told of a gap
+        # instead of silently skipping what it missed.
         self.last_id = (time.time_ns() // 1000 if first_id is None else first_id) - 1
         self.event = eventlet.Event()
         self.waiting = 0
@@ -226,7 +227,7 @@ class Stream:
     def since(self, cursor):
         """(items newer than cursor, cursor to send next, whether items were dropped)."""
         if cursor is None or cursor > self.last_id:
-            # No cursor, or one from before a restart: start over from what is kept.
+            # No cursor, or one this server never issued: start over from what is kept.
             return list(self.items), self.last_id, False
         first = self.last_id - len(self.items) + 1    # oldest id still kept
         gap = cursor < first - 1
@@ -256,7 +257,6 @@ class Stream:
         self.closed = True
         event, self.event = self.event, eventlet.Event()
         event.send()
-
 
 
 chat = Stream("messages", settings.history)

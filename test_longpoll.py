@@ -96,6 +96,25 @@ def test_publish_between_look_and_wait_is_not_lost(monkeypatch):
     assert [i["body"] for i in items] == ["raced"] and cursor == 1
 
 
+def test_a_yield_between_look_and_wait_is_why_the_event_is_taken_first(monkeypatch):
+    # Nothing between the look and the wait yields in Stream.wait() as written,
+    # so under cooperative scheduling the window is closed anyway; a look that
+    # yields (I/O, a lock, a log write to a pipe) opens it. Take the Event after
+    # the look and this test waits out the whole poll.
+    stream = longpoll.Stream("messages", 10, first_id=1)
+    look = stream.since
+
+    def look_that_yields(cursor):
+        result = look(cursor)
+        eventlet.sleep(0)               # the poster below runs here
+        return result
+    monkeypatch.setattr(stream, "since", look_that_yields)
+    eventlet.spawn(stream.publish, {"body": "posted during the look"})
+    with eventlet.Timeout(2):
+        items, _, _ = stream.wait(0, timeout=30)
+    assert [i["body"] for i in items] == ["posted during the look"]
+
+
 def test_publish_wakes_nobody_before_the_hubs_next_turn():
     stream = longpoll.Stream("messages", 10, first_id=1)
     waiter = eventlet.spawn(stream.wait, 0, 5)
@@ -1155,3 +1174,69 @@ def test_feed_entries_that_could_not_be_stored_are_retried(feeds, tmp_path, monk
     assert "If-None-Match" not in feeds.requests[-1]                         # fetched in full again
     assert [e["title"] for e in entries] == ["Entry 1", "Entry 2", "Entry 3"]
     assert store.feed_state(f.url)["seen"] == ["urn:e1", "urn:e2", "urn:e3"]
+
+
+# -- The minimal version and the asyncio Stream (examples/) ----------------------
+
+
+def test_the_minimal_version_wakes_a_parked_poll_with_a_post():
+    proc = subprocess.Popen([sys.executable, "examples/minimal.py", "0"], cwd=HERE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        port = int(re.search(r":(\d+)/", proc.stdout.readline())[1])
+        srv = Server.__new__(Server)                        # the request helpers, for this process
+        srv.host, srv.port = "127.0.0.1", port
+        assert srv.get("/chat/updates").json() == {"messages": [], "cursor": 0}
+        poll = spawn_poll(srv, "/chat/updates?cursor=0")
+        eventlet.sleep(0.5)
+        assert not poll.dead                                # parked: nothing to answer yet
+        posted = srv.post({"nick": "ada", "body": " hello "})
+        assert posted.status == 201 and posted.json()["body"] == "hello"
+        with eventlet.Timeout(5):
+            assert poll.wait().json() == {"messages": [posted.json()], "cursor": 1}
+        assert srv.get("/chat/updates?cursor=x").status == 400
+        bad = srv.post({"body": "   "})
+        assert bad.status == 400 and "body" in bad.json()["error"]
+        assert b"textContent" in srv.get("/").body
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+ASYNCIO_CHECK = """
+import asyncio, sys
+sys.path.insert(0, "examples")
+from asyncio_stream import Stream
+
+async def main():
+    s = Stream(history=3)
+    waiter = asyncio.ensure_future(s.wait(0, timeout=5))
+    await asyncio.sleep(0)
+    assert s.waiting == 1 and not waiter.done()
+    s.publish(body="hello")
+    items, cursor, gap = await asyncio.wait_for(waiter, 1)
+    assert [i["body"] for i in items] == ["hello"] and cursor == 1 and not gap
+    assert await s.wait(1, timeout=0.05) == ([], 1, False)          # times out empty
+    for n in range(5):
+        s.publish(n=n)
+    items, cursor, gap = await s.wait(1)
+    assert [i["id"] for i in items] == [4, 5, 6] and gap            # fell behind what is kept
+    look = s.since
+    def look_then_post(cursor):
+        result = look(cursor)
+        s.publish(body="raced")                                     # between the look and the wait
+        return result
+    s.since = look_then_post
+    items, _, _ = await asyncio.wait_for(s.wait(6, timeout=30), 1)
+    s.since = look
+    assert [i["body"] for i in items] == ["raced"]
+    print("ok")
+
+asyncio.run(main())
+"""
+
+
+def test_the_asyncio_stream_keeps_the_same_promises():
+    done = subprocess.run([sys.executable, "-c", ASYNCIO_CHECK], cwd=HERE, capture_output=True, text=True,
+                          timeout=30)
+    assert done.stdout == "ok\n", done.stderr
