@@ -176,6 +176,29 @@ def test_the_poll_waits_as_long_as_retry_after_asks(chat_server, open_page, brow
     assert polls[1] - polls[0] >= 2.9, polls
 
 
+def test_a_server_that_cannot_store_says_why_after_its_retries(chat_server, browser):
+    from playwright.sync_api import expect
+    context = browser.new_context()
+    page = context.new_page()
+    page.clock.install()
+    tries = []
+
+    def full_disk(route):
+        tries.append(route.request.post_data_json["client_id"])
+        route.fulfill(status=503, headers={"Retry-After": "10"},
+                      json={"error": "the server cannot store messages right now; try again shortly"})
+    page.route("**/chat/messages", full_disk)
+    page.goto(f"http://{chat_server.host}:{chat_server.port}/")
+    send(page, "kept for later")
+    for _ in range(40):
+        page.clock.run_for(1000)
+    expect(page.locator("#notice")).to_have_text(
+        "Not sent: the server cannot store messages right now; try again shortly.")
+    expect(page.locator("#body")).to_have_value("kept for later")
+    assert len(tries) == 5 and len(set(tries)) == 1         # retried, always as the same message
+    context.close()
+
+
 def test_posting_too_fast_is_shown(start, open_page):
     from playwright.sync_api import expect
     srv = start("--post-burst", "1", "--post-rate", "0.01")

@@ -67,6 +67,7 @@ function randomId() {
 // client_id, so the server posts it once even if an answer was lost.
 async function post(text) {
   const payload = JSON.stringify({nick: nick.value.trim(), body: text, client_id: randomId()});
+  let problem = "Not sent: the server cannot be reached. Try again.";
   for (let attempt = 1; ; attempt++) {
     let res = null;
     try {
@@ -84,7 +85,11 @@ async function post(text) {
       const data = await res.json().catch(() => ({}));
       return data.error ? `Not sent: ${data.error}.` : `Not sent (HTTP ${res.status}).`;
     }
-    if (attempt === 5) return "Not sent: the server cannot be reached. Try again.";
+    if (res) {      // a 5xx: the server may say why (503: it cannot store messages just now)
+      const data = await res.json().catch(() => ({}));
+      if (data.error) problem = `Not sent: ${data.error}.`;
+    }
+    if (attempt === 5) return problem;
     await new Promise(resolve => setTimeout(resolve, 500 * 2 ** attempt * (0.5 + Math.random() / 2)));
   }
 }
