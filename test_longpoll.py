@@ -470,14 +470,18 @@ def test_start_is_quiet_and_help_documents_every_flag(start):
     assert err == []
     help_text = subprocess.run([sys.executable, "longpoll.py", "--help"], cwd=HERE,
                                capture_output=True, text=True).stdout
-    for flag in ("--host", "--port", "--poll-timeout", "--history", "--feed ", "--feeds",
-                 "--feed-interval", "--fetch-timeout", "--post-rate", "--post-burst", "--trusted-proxy"):
-        assert re.search(re.escape(flag) + r"[^\n]*\n?\s+\S", help_text), flag
+    # Every flag in the README's table, and only those, has its --help text.
+    documented = re.findall(r"(?m)^\| `(--[a-z-]+)", (HERE / "README.md").read_text(encoding="utf-8"))
+    assert len(documented) >= 15
+    for flag in documented:
+        assert re.search(re.escape(flag) + r"\b[^\n]*\n?\s+\S", help_text), flag
+    assert set(re.findall(r"(?m)^\s+(--[a-z-]+)", help_text)) - {"--help"} == set(documented)
 
 
 def test_bad_flags_are_refused_clearly():
     for flags in (["--poll-timeout", "0"], ["--history", "0"], ["--port", "70000"], ["--port", "http"], ["--feed", "file:///etc/passwd"],
-                  ["--feed-interval", "0.5"], ["--feeds", "/no/such/file"]):
+                  ["--feed-interval", "0.5"], ["--feeds", "/no/such/file"], ["--polls-per-address", "0"],
+                  ["--post-rate", "-1"], ["--client-timeout", "x"]):
         proc = subprocess.run([sys.executable, "longpoll.py", *flags], cwd=HERE,
                               capture_output=True, text=True, timeout=10)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, (flags, proc.stderr)
