@@ -55,21 +55,33 @@ def missing(reason):
 
 
 @pytest.fixture
-def open_page(browser):
-    """Open a page in a fresh browser context; uncaught JavaScript errors fail the test."""
+def new_context(browser):
+    """A fresh browser context, with init scripts run in each of its pages (which
+    share one connection pool, as a profile's tabs do). It is closed after the
+    test, and an uncaught JavaScript error on any of its pages fails the test."""
     contexts, errors = [], []
 
-    def opener(url, **context_options):
+    def make(*init_scripts, **context_options):
         context = browser.new_context(**context_options)
         contexts.append(context)
-        page = context.new_page()
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto(url)
-        return page
-    yield opener
+        context.on("page", lambda page: page.on("pageerror", lambda e: errors.append(str(e))))
+        for script in init_scripts:
+            context.add_init_script(script)
+        return context
+    yield make
     for context in contexts:
         context.close()
     assert errors == [], errors
+
+
+@pytest.fixture
+def open_page(new_context):
+    """Open a page in a fresh browser context."""
+    def opener(url, **context_options):
+        page = new_context(**context_options).new_page()
+        page.goto(url)
+        return page
+    return opener
 
 
 @pytest.fixture
@@ -157,8 +169,8 @@ def test_bidi_controls_cannot_reorder_other_text(chat_server, open_page):
         assert nick["x"] < time["x"]
 
 
-def test_the_poll_waits_as_long_as_retry_after_asks(chat_server, open_page, browser):
-    context = browser.new_context()
+def test_the_poll_waits_as_long_as_retry_after_asks(chat_server, new_context):
+    context = new_context()
     page = context.new_page()
     polls = []
     page.on("request", lambda r: "/chat/updates" in r.url and polls.append(time.monotonic()))
@@ -172,13 +184,12 @@ def test_the_poll_waits_as_long_as_retry_after_asks(chat_server, open_page, brow
     page.goto(f"http://{chat_server.host}:{chat_server.port}/")
     from playwright.sync_api import expect
     expect(page.locator("#state")).to_have_attribute("data-state", "live", timeout=10000)
-    context.close()
     assert polls[1] - polls[0] >= 2.9, polls
 
 
-def test_a_server_that_cannot_store_says_why_after_its_retries(chat_server, browser):
+def test_a_server_that_cannot_store_says_why_after_its_retries(chat_server, new_context):
     from playwright.sync_api import expect
-    context = browser.new_context()
+    context = new_context()
     page = context.new_page()
     page.clock.install()
     tries = []
@@ -196,7 +207,6 @@ def test_a_server_that_cannot_store_says_why_after_its_retries(chat_server, brow
         "Not sent: the server cannot store messages right now; try again shortly.")
     expect(page.locator("#body")).to_have_value("kept for later")
     assert len(tries) == 5 and len(set(tries)) == 1         # retried, always as the same message
-    context.close()
 
 
 def test_posting_too_fast_is_shown(start, open_page):
@@ -267,9 +277,8 @@ window.fetch = (url, options) => {
 """
 
 
-def test_retries_while_the_server_is_away_back_off_with_jitter(chat_server, browser):
-    context = browser.new_context()
-    context.add_init_script(RECORD_POLLS)
+def test_retries_while_the_server_is_away_back_off_with_jitter(chat_server, new_context):
+    context = new_context(RECORD_POLLS)
     page = context.new_page()
     page.clock.install()                # timers run on a clock the test moves
     page.route("**/chat/updates*", lambda route: route.abort("connectionrefused"))
@@ -277,7 +286,6 @@ def test_retries_while_the_server_is_away_back_off_with_jitter(chat_server, brow
     for _ in range(6000):               # ten minutes of the page's time, 100 ms a step
         page.clock.run_for(100)
     polls = page.evaluate("window.polls")
-    context.close()
     gaps = [b - a for a, b in zip(polls, polls[1:])]
     assert len(gaps) >= 20, gaps
     # Growing: each retry waits about twice as long as the one before, up to 30 s
@@ -291,9 +299,9 @@ def test_retries_while_the_server_is_away_back_off_with_jitter(chat_server, brow
     assert max(ratios) - min(ratios) > 0.25, gaps
 
 
-def test_feed_links_that_are_not_web_links_are_not_links_on_the_page(chat_server, open_page, browser):
+def test_feed_links_that_are_not_web_links_are_not_links_on_the_page(chat_server, new_context):
     from playwright.sync_api import expect
-    context = browser.new_context()
+    context = new_context()
     page = context.new_page()
     entries = [{"id": n + 1, "feed": "Straight to the page", "title": f"Entry {n}", "link": link,
                 "summary": "", "published": None}
@@ -314,7 +322,6 @@ def test_feed_links_that_are_not_web_links_are_not_links_on_the_page(chat_server
     expect(links).to_have_count(1)
     expect(links).to_have_attribute("href", "https://example.com/ok")
     assert page.evaluate("window.pwned") is None
-    context.close()
 
 
 def test_the_page_survives_a_restart_with_its_database_and_misses_nothing(start, open_page, tmp_path):
@@ -371,15 +378,11 @@ document.addEventListener("DOMContentLoaded", () => {
 """
 
 
-def test_feed_entries_flow_one_by_one_and_hover_pauses(feed_setup, browser):
+def test_feed_entries_flow_one_by_one_and_hover_pauses(feed_setup, new_context):
     from playwright.sync_api import expect
     srv, feeds = feed_setup
     srv.wait_for(lambda s: sum(f["entries"] for f in s["feeds"]) == 5)     # the first fetch is in
-    context = browser.new_context()
-    context.add_init_script(RECORD_ARRIVALS)
-    errors = []
-    page = context.new_page()
-    page.on("pageerror", lambda e: errors.append(str(e)))
+    page = new_context(RECORD_ARRIVALS).new_page()
     page.goto(f"http://{srv.host}:{srv.port}/feed?pace=400")
     entries = page.locator("#entries .entry")
     # A new page shows what is there at once, newest on top...
@@ -417,8 +420,6 @@ def test_feed_entries_flow_one_by_one_and_hover_pauses(feed_setup, browser):
     expect(page.locator("#pace")).to_have_text("Paused")
     page.click("#pace")
     expect(page.locator("#pace")).to_have_text("Live")
-    context.close()
-    assert errors == [], errors
 
 
 def test_feed_page_never_scrolls(feed_setup, open_page):
@@ -552,31 +553,23 @@ window.reveal = () => { window.__shown = true; document.dispatchEvent(new Event(
 
 
 @pytest.fixture
-def tabs(browser):
+def tabs(new_context):
     """One browser context; tabs(base, paths) opens a tab for each path, each
-    within 3 s, and returns them. Uncaught errors on any page fail the test."""
+    within 3 s, and returns them."""
     from playwright.sync_api import expect
-    contexts, errors = [], []
 
     def open_tabs(base, paths, *init_scripts):
-        context = browser.new_context()
-        contexts.append(context)
-        for script in init_scripts:
-            context.add_init_script(script)
+        context = new_context(*init_scripts)
         pages = []
         for path in paths:
             page = context.new_page()
-            page.on("pageerror", lambda e: errors.append(str(e)))
             started = time.monotonic()
             page.goto(base + path)
             expect(page.locator("#state")).to_have_text("Live", timeout=3000)
             assert time.monotonic() - started < 3, f"{path} took {time.monotonic() - started:.1f} s"
             pages.append(page)
         return pages
-    yield open_tabs
-    for context in contexts:
-        context.close()
-    assert errors == [], errors
+    return open_tabs
 
 
 TIMED_POST = """async body => {
@@ -763,9 +756,9 @@ def test_a_dead_connection_is_noticed_and_the_page_recovers(start, open_page):
         relay.close()
 
 
-def test_an_item_the_page_fails_on_is_skipped_and_nothing_is_shown_twice(chat_server, browser):
+def test_an_item_the_page_fails_on_is_skipped_and_nothing_is_shown_twice(chat_server, new_context):
     from playwright.sync_api import expect
-    context = browser.new_context()
+    context = new_context()
     page = context.new_page()
     logged = []
     page.on("console", lambda m: m.type == "error" and logged.append(m.text))
@@ -786,4 +779,3 @@ def test_an_item_the_page_fails_on_is_skipped_and_nothing_is_shown_twice(chat_se
     expect(page.locator("#messages .text")).to_have_text(["first", "third", "fourth"], timeout=5000)
     assert "cursor=3" in asked[1]           # the cursor moved past the bad item
     assert any("skipped item 2" in text for text in logged), logged
-    context.close()
