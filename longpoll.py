@@ -198,10 +198,10 @@ class Stream:
         self.closed = False
         self.store = None               # load() attaches the database it writes through to
 
-    def load(self, store, history):
+    def load(self, store):
         """Continue from what `store` kept: its newest items and their ids (at start)."""
         self.store = store
-        self.items = collections.deque(store.items(self.key), maxlen=history)
+        self.items = collections.deque(store.items(self.key), maxlen=store.history)
         if self.items:
             self.last_id = self.items[-1]["id"]
 
@@ -743,7 +743,7 @@ def main(argv=None):
     except storage.StoreError as e:
         sys.exit(f"longpoll: --db {settings.db}: {e}")
     for stream in (chat, feed):
-        stream.load(store, settings.history)
+        stream.load(store)
     # eventlet serves at most 1024 connections by default, idle keep-alives
     # included, and its accept loop dies if it runs out of descriptors: size the
     # pool from the open-files limit, below it.

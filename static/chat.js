@@ -81,13 +81,12 @@ async function post(text) {
       const wait = res.headers.get("Retry-After") || "a few";
       return `You are sending messages too fast. Try again in ${wait} s.`;
     }
-    if (res && res.status < 500) {
+    if (res) {
       const data = await res.json().catch(() => ({}));
-      return data.error ? `Not sent: ${data.error}.` : `Not sent (HTTP ${res.status}).`;
-    }
-    if (res) {      // a 5xx: the server may say why (503: it cannot store messages just now)
-      const data = await res.json().catch(() => ({}));
-      if (data.error) problem = `Not sent: ${data.error}.`;
+      const why = data.error ? `Not sent: ${data.error}.` : `Not sent (HTTP ${res.status}).`;
+      if (res.status < 500) return why;
+      // A 5xx is retried; if it says why (503: messages cannot be stored just now), that is the last word.
+      if (data.error) problem = why;
     }
     if (attempt === 5) return problem;
     await new Promise(resolve => setTimeout(resolve, 500 * 2 ** attempt * (0.5 + Math.random() / 2)));
