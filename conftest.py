@@ -6,7 +6,9 @@ import http.client
 import json
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -110,6 +112,57 @@ def start():
         srv.stop()
 
 
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """Debian's redis-server on a free loopback port, writing only to `folder`:
+    nothing at all, or with `persist` an append-only file synced at every write."""
+
+    def __init__(self, folder, persist=False, port=None):
+        self.port = port or free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(folder),
+                     "--save", "", "--appendonly", "yes" if persist else "no", "--appendfsync", "always"]
+        self.start()
+
+    def start(self):
+        self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 10
+        while self.cli("PING") != "PONG":       # a process to wait for, not an event
+            assert self.proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+
+    def cli(self, *args):
+        return subprocess.run(["redis-cli", "-p", str(self.port), *args],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    if not shutil.which("redis-server"):
+        if os.environ.get("CI") == "true":     # locally a skip; in CI never a silent pass
+            pytest.fail("redis-server is not installed; .ci/run installs it")
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    srv = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server):
+    """The shared test Redis, emptied for this test."""
+    redis_server.cli("FLUSHALL")
+    return redis_server.url
+
+
 def atom(entries, title="Fixture Atom"):
     """An Atom document; entries are (id, title, link, summary) tuples, newest first (and dated so)."""
     body = "".join(
@@ -142,7 +195,7 @@ class FeedServer:
 
     def __init__(self):
         import http.server  # here, not above: after test_longpoll's import of longpoll patched select
-        self.routes, self.requests = {}, []
+        self.routes, self.requests, self.times = {}, [], []
         self.release = threading.Event()        # set at close to end hung answers
         feeds = self
 
@@ -151,6 +204,7 @@ class FeedServer:
 
             def do_GET(self):
                 feeds.requests.append(self.headers)
+                feeds.times.append(time.monotonic())
                 handler = feeds.routes.get(self.path, lambda: (404, [], b""))
                 status, headers, body = handler()
                 self.send_response(status)

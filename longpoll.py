@@ -8,7 +8,8 @@ room and the feed stream, which green threads fill from Atom/RSS feeds.
 
 How a posted message reaches a waiting browser: post_message() validates it and
 calls Stream.publish(), which wakes every request parked in Stream.wait(), and
-updates() sends each its JSON.
+updates() sends each its JSON. (With --redis, publish() appends to Redis, and
+every process's reader in sharing.py brings the item into its own Stream.)
 
 The file reads top to bottom: configuration, the stream, the chat routes, the
 feed poller, status and pages, main().
@@ -54,6 +55,7 @@ import eventlet.tpool
 import eventlet.wsgi
 import feedparser
 
+import sharing
 import storage
 
 HERE = Path(__file__).resolve().parent
@@ -98,6 +100,9 @@ def parse_args(argv=None):
     p.add_argument("--db", default="longpoll.db", metavar="PATH",
                    help="SQLite file keeping the history, feed state and posted client_ids across "
                         "restarts (default: %(default)s; :memory: keeps nothing)")
+    p.add_argument("--redis", metavar="URL",
+                   help="share both streams with every process given the same Redis, e.g. "
+                        "redis://127.0.0.1:6379/0; it keeps what --db keeps otherwise, and no file is opened")
     p.add_argument("--client-timeout", type=positive, default=30.0, metavar="SECONDS",
                    help="drop a client that takes longer than this to send a request, or idles that long "
                         "between requests (default: %(default)s)")
@@ -201,6 +206,10 @@ class Stream:
     def load(self, store):
         """Continue from what `store` kept: its newest items and their ids (at start)."""
         self.store = store
+        if store.shared:
+            # Nothing read from Redis yet: sharing.follow() brings its history.
+            self.items, self.last_id = collections.deque(maxlen=store.history), 0
+            return
         self.items = collections.deque(store.items(self.key), maxlen=store.history)
         if self.items:
             self.last_id = self.items[-1]["id"]
@@ -208,24 +217,41 @@ class Stream:
     def publish(self, *batch, **record):
         """Give each item (a dict of fields) the next id and wake every waiter; return the items.
         `record` is stored with them: a chat message's client_id, or a feed's state."""
+        if self.store and self.store.shared:
+            # Redis gives the ids, and sharing.follow() adds the items here as it
+            # adds every other process's, in id order.
+            return self.store.append(self.key, batch, self.last_id, **record)
         items = [{"id": self.last_id + n, **fields} for n, fields in enumerate(batch, 1)]
         if self.store:
             # Written before anyone can see them, so what a browser was shown or
             # a POST was acknowledged for survives a crash. If the write fails
             # (StoreError) nothing is published.
             self.store.write(self.key, items, **record)
-        self.last_id += len(items)
-        self.items.extend(items)
-        if items:
-            # An eventlet Event can be sent only once: swap in a fresh one and send
-            # the old one, which wakes every current waiter. The send itself waits
-            # for the hub's next turn, so the publisher answers its own client first.
-            event, self.event = self.event, eventlet.Event()
-            eventlet.spawn_after(0, event.send)
+        self.add(items)
         return items
+
+    def add(self, items):
+        """Keep items that are stored and have their ids, and wake every waiter."""
+        if not items:
+            return
+        if items[0]["id"] != self.last_id + 1:
+            # Ids this process never had (trimmed from Redis while it was cut
+            # off, or a wiped Redis counting afresh): forget the kept items, so
+            # that since() tells older cursors of the gap.
+            self.items.clear()
+        self.last_id = items[-1]["id"]
+        self.items.extend(items)
+        # An eventlet Event can be sent only once: swap in a fresh one and send
+        # the old one, which wakes every current waiter. The send itself waits
+        # for the hub's next turn, so the publisher answers its own client first.
+        event, self.event = self.event, eventlet.Event()
+        eventlet.spawn_after(0, event.send)
 
     def since(self, cursor):
         """(items newer than cursor, cursor to send next, whether items were dropped)."""
+        if cursor is not None and cursor > self.last_id and self.store and self.store.shared:
+            # Another process gave this id and our Redis reader has not brought it yet: wait for it.
+            return [], cursor, False
         if cursor is None or cursor > self.last_id:
             # No cursor, or one this server never issued: start over from what is kept.
             return list(self.items), self.last_id, False
@@ -424,8 +450,8 @@ class TokenBucket:
         return 0
 
 
-posting = TokenBucket()
-store = None        # main() opens the --db
+posting = TokenBucket()     # main() puts the buckets in Redis with --redis, for every process
+store = None                # main() opens the --db, or --redis
 
 
 @app.post("/chat/messages")
@@ -434,14 +460,14 @@ def post_message():
     body = text_field(data, "body", MAX_MESSAGE_CHARS, allowed="\n\t", required=True)
     nick = text_field(data, "nick", MAX_NICK_CHARS, refused=BIDI_CONTROLS) or "anonymous"
     client_id = text_field(data, "client_id", MAX_CLIENT_ID_CHARS)
-    original = client_id and store.posted(client_id)
-    if original:
-        return original                         # a retry whose first answer was lost
-    wait = posting.take(client_address(), settings.post_rate, settings.post_burst)
-    if wait:
-        wait = math.ceil(wait)
-        fail(429, f"too many messages; try again in {wait} s", Retry_After=str(wait))
     try:
+        original = client_id and store.posted(client_id)
+        if original:
+            return original                     # a retry whose first answer was lost
+        wait = posting.take(client_address(), settings.post_rate, settings.post_burst)
+        if wait:
+            wait = math.ceil(wait)
+            fail(429, f"too many messages; try again in {wait} s", Retry_After=str(wait))
         [message] = chat.publish({"nick": nick, "body": body, "time": time.time()}, client_id=client_id)
     except storage.StoreError:
         fail(503, "the server cannot store messages right now; try again shortly", Retry_After="10")
@@ -470,7 +496,7 @@ class Feed:
 
     fetch_slots = eventlet.Semaphore(FETCH_CONCURRENCY)
 
-    def __init__(self, url, saved=None):
+    def __init__(self, url):
         self.url = url
         self.title = urllib.parse.urlsplit(url).netloc
         self.ok = False
@@ -481,7 +507,10 @@ class Feed:
         self.etag = self.modified = None
         self.seen = None            # dedupe keys, oldest first; None until the first success
         self.failures = 0
-        if saved:                   # what the database kept from the last run
+
+    def resume(self, saved):
+        """Take up what the last check stored (before a restart, or in another process)."""
+        if saved:
             self.title, self.etag, self.modified, self.entries = (
                 saved["title"], saved["etag"], saved["modified"], saved["entries"])
             self.seen = collections.OrderedDict.fromkeys(saved["seen"])
@@ -492,7 +521,20 @@ class Feed:
 
     def run(self):
         while True:
-            delay = self.check()
+            try:
+                # With several processes on one Redis, the one holding a feed's
+                # lease checks it; the others wait out the lease, then take up
+                # what it learnt. One process alone always holds it.
+                delay, report = store.lease(self.url, settings.fetch_timeout + 30)
+                self.resume(store.feed_state(self.url))
+                if delay:
+                    delay = min(delay, settings.feed_interval)   # to hear of the holder, or take over
+                    self.ok, self.error, self.last_checked = (report.get(k) for k in ("ok", "error", "last_checked"))
+                else:
+                    delay = self.check()
+                    store.hold(self.url, delay, self.status())
+            except storage.StoreError as e:
+                self.ok, self.error, delay = False, f"cannot store entries: {e}", settings.feed_interval
             self.next_check = time.time() + delay
             eventlet.sleep(delay)
 
@@ -731,19 +773,28 @@ def open_files_limit():
 
 
 def main(argv=None):
-    global settings, store
+    global settings, store, posting
     settings = parse_args(argv)
     try:
         # No SO_REUSEPORT: a second copy on a taken port must fail, not share it.
         sock = eventlet.listen((settings.host, settings.port), backlog=4096, reuse_port=False)
     except OSError as e:
         sys.exit(f"longpoll: cannot listen on {settings.host}:{settings.port}: {e.strerror}")
-    try:
-        store = storage.Store(settings.db, settings.history)
-    except storage.StoreError as e:
-        sys.exit(f"longpoll: --db {settings.db}: {e}")
+    if settings.redis:
+        try:
+            store = posting = sharing.RedisStore(settings.redis, settings.history)
+        except storage.StoreError as e:
+            sys.exit(f"longpoll: --redis {settings.redis}: {e}")
+    else:
+        try:
+            store = storage.Store(settings.db, settings.history)
+        except storage.StoreError as e:
+            sys.exit(f"longpoll: --db {settings.db}: {e}")
     for stream in (chat, feed):
         stream.load(store)
+    if store.shared:
+        # This process learns of every item, its own included, from Redis.
+        eventlet.spawn(store.follow, {stream.key: stream for stream in (chat, feed)})
     # eventlet serves at most 1024 connections by default, idle keep-alives
     # included, and its accept loop dies if it runs out of descriptors: size the
     # pool from the open-files limit, below it.
@@ -751,7 +802,7 @@ def main(argv=None):
     if max_clients < 10000:
         print(f"longpoll: the open-files limit allows only {max_clients} clients", file=sys.stderr)
 
-    feeds[:] = [Feed(url, store.feed_state(url)) for url in dict.fromkeys(settings.feed)]
+    feeds[:] = [Feed(url) for url in dict.fromkeys(settings.feed)]
     for f in feeds:
         eventlet.spawn(f.run)
 

@@ -30,6 +30,8 @@ class StoreError(Exception):
 class Store:
     """One SQLite file, owned by this process for as long as it runs."""
 
+    shared = False      # this process gives every id itself (see sharing.RedisStore)
+
     def __init__(self, path, history):
         self.path, self.history = path, history
         self.error = None           # why the last write failed, while it is failing
@@ -104,6 +106,13 @@ class Store:
                 self.db.execute("ROLLBACK")
             self.error = explain(e)
             raise StoreError(self.error) from None
+
+    def lease(self, url, seconds):
+        """A feed's lease (see sharing.RedisStore): one process always holds it."""
+        return 0, None
+
+    def hold(self, url, seconds, report):
+        pass
 
     def status(self):
         return {"db": self.path, "ok": self.error is None, "error": self.error}

@@ -29,7 +29,7 @@ import pytest
 from hypothesis import given, settings as hypothesis_settings, strategies as st
 
 import storage
-from conftest import FeedServer, Server, atom, loopback, numbered, rss
+from conftest import FeedServer, RedisServer, Server, atom, free_port, loopback, numbered, rss
 
 HERE = Path(__file__).resolve().parent
 
@@ -1244,3 +1244,232 @@ def test_the_asyncio_stream_keeps_the_same_promises():
     done = subprocess.run([sys.executable, "-c", ASYNCIO_CHECK], cwd=HERE, capture_output=True, text=True,
                           timeout=30)
     assert done.stdout == "ok\n", done.stderr
+
+
+# -- Several processes through Redis ------------------------------------------
+
+
+@pytest.fixture
+def cluster(start, redis_url):
+    """cluster(n, *flags): n app processes sharing the test's Redis, each connected to it."""
+    def start_cluster(n, *flags):
+        servers = [start("--redis", redis_url, *flags) for _ in range(n)]
+        for srv in servers:
+            srv.wait_for(lambda s: s["storage"]["ok"])
+        return servers
+    return start_cluster
+
+
+def follow(srv, cursor, until, key="messages", path="/chat/updates"):
+    """Poll srv from cursor, as a page does, until the cursor reaches `until`; return what came."""
+    got = []
+    while cursor < until:
+        body = srv.get(f"{path}?cursor={cursor}").json()
+        assert "gap" not in body, body
+        got += body[key]
+        cursor = body["cursor"]
+    return got
+
+
+def test_a_post_to_one_process_reaches_polls_parked_on_the_others(cluster):
+    a, b, c = cluster(3)
+    cursor = a.cursor()
+    assert b.cursor() == c.cursor() == cursor                   # one id sequence for all
+    polls = [spawn_poll(srv, f"/chat/updates?cursor={cursor}") for srv in (b, c)]
+    for srv in (b, c):
+        srv.wait_for(lambda s: s["streams"]["chat"]["waiting"] == 1)
+    message = a.post({"body": "hello from a"}).json()
+    assert message["id"] == cursor + 1
+    for poll in polls:
+        assert poll.wait().json() == {"messages": [message], "cursor": message["id"]}
+    assert c.post({"body": "and from c"}).json()["id"] == cursor + 2
+
+
+def test_a_cursor_from_one_process_gets_exactly_the_rest_from_another(cluster):
+    a, b = cluster(2, "--poll-timeout", "2")
+    sent = [a.post({"body": f"m{n}"}).json() for n in range(5)]
+    assert follow(b, sent[1]["id"], sent[-1]["id"]) == sent[2:]
+    # A cursor b has not reached (its reader is behind, or the id is not given
+    # yet) waits for what follows; it does not start over with the history.
+    ahead = spawn_poll(b, f"/chat/updates?cursor={sent[-1]['id'] + 1}")
+    b.wait_for(lambda s: s["streams"]["chat"]["waiting"] == 1)
+    later = [a.post({"body": f"later{n}"}).json() for n in range(2)]
+    body = ahead.wait().json()
+    assert body["messages"] + follow(b, body["cursor"], later[-1]["id"]) == later[1:]
+
+
+def test_sigkill_of_one_process_loses_no_acknowledged_post_and_clients_carry_on(cluster):
+    a, b = cluster(2, "--history", "5000", "--post-burst", "100000", "--post-rate", "100000")
+    start_cursor = b.cursor()
+    acknowledged, stop = [], False
+
+    def poster(n):
+        for i in itertools.count():
+            if stop:
+                return
+            message = {"body": f"{n}-{i}", "client_id": f"{n}-{i}"}
+            for srv in ((a, b) if i % 2 else (b,)):
+                try:
+                    resp = srv.post(message, timeout=5)
+                except OSError:
+                    continue                # a is gone: the same post, same client_id, to b
+                if resp.status in (200, 201):
+                    acknowledged.append(resp.json())
+                    break
+
+    def reader():                           # a page parked on b the whole time
+        cursor, got = start_cursor, []
+        while not stop or cursor < b.cursor():
+            body = b.get(f"/chat/updates?cursor={cursor}").json()
+            assert "gap" not in body
+            got += body["messages"]
+            cursor = body["cursor"]
+        return got
+    watcher = eventlet.spawn(reader)
+    posters = [eventlet.spawn(poster, n) for n in range(8)]
+    while len(acknowledged) < 200:
+        eventlet.sleep(0.01)
+    a.proc.kill()                           # SIGKILL, mid-load
+    killed_at = len(acknowledged)
+    while len(acknowledged) < killed_at + 200:      # the clients carry on through b
+        eventlet.sleep(0.01)
+    stop = True
+    for p in posters:
+        p.wait()
+    seen = watcher.wait()
+    kept = follow(b, start_cursor, b.cursor())
+    ids = [m["id"] for m in kept]
+    assert ids == list(range(start_cursor + 1, start_cursor + 1 + len(ids)))   # consecutive, in order
+    assert len({m["body"] for m in kept}) == len(kept)                          # none posted twice
+    assert all(m in kept for m in acknowledged), "an acknowledged message was lost"
+    assert seen == kept
+
+
+def test_redis_stopped_and_started_under_load(start, tmp_path):
+    redis = RedisServer(tmp_path, persist=True)
+    flags = ("--redis", redis.url, "--poll-timeout", "2", "--history", "5000", "--post-burst", "100000", "--post-rate", "100000")
+    try:
+        a, b = start(*flags), start(*flags)
+        for srv in (a, b):
+            srv.wait_for(lambda s: s["storage"]["ok"])
+        start_cursor = a.cursor()
+        acknowledged, refused, stop = [], [], False
+
+        def poster(n):
+            for i in itertools.count():
+                if stop:
+                    return
+                resp = (a, b)[i % 2].post({"body": f"{n}-{i}", "client_id": f"{n}-{i}"}, timeout=10)
+                if resp.status == 201:
+                    acknowledged.append(resp.json())
+                else:
+                    refused.append(resp)
+                    eventlet.sleep(0.05)
+        posters = [eventlet.spawn(poster, n) for n in range(4)]
+        while len(acknowledged) < 100:
+            eventlet.sleep(0.01)
+        assert not refused
+        redis.stop()
+        for srv in (a, b):
+            srv.wait_for(lambda s: not s["storage"]["ok"])
+        during = a.post({"body": "while Redis is down"})
+        assert during.status == 503 and int(during.headers["Retry-After"]) > 0
+        top = b.cursor()
+        began = time.monotonic()
+        assert b.get(f"/chat/updates?cursor={top}").json() == {"messages": [], "cursor": top}
+        assert 1.5 < time.monotonic() - began < 5                  # answered at its timeout
+        redis.start()
+        for srv in (a, b):                  # both resume by themselves
+            srv.wait_for(lambda s: s["storage"]["ok"], timeout=20)
+        resumed_at = len(acknowledged)
+        while len(acknowledged) < resumed_at + 100:
+            eventlet.sleep(0.01)
+        stop = True
+        for p in posters:
+            p.wait()
+        assert refused and all(r.status == 503 and r.headers["Retry-After"] for r in refused)
+        for srv in (a, b):
+            kept = follow(srv, start_cursor, max(m["id"] for m in acknowledged))
+            assert all(m in kept for m in acknowledged), "an acknowledged message was lost"
+            assert "while Redis is down" not in [m["body"] for m in kept]
+    finally:
+        redis.stop()
+
+
+def test_a_process_started_without_redis_serves_and_joins_it_later(start, tmp_path):
+    port = free_port()
+    srv = start("--redis", f"redis://127.0.0.1:{port}/0", "--poll-timeout", "1")
+    status = srv.status()
+    assert not status["storage"]["ok"] and status["storage"]["redis"] == f"redis://127.0.0.1:{port}/0"
+    refused = srv.post({"body": "too early"})
+    assert refused.status == 503 and refused.headers["Retry-After"]
+    assert srv.get("/chat/updates").json()["messages"] == []   # the pages still load
+    redis = RedisServer(tmp_path, port=port)
+    try:
+        srv.wait_for(lambda s: s["storage"]["ok"], timeout=20)
+        assert srv.post({"body": "now"}).status == 201
+    finally:
+        redis.stop()
+    err = srv.stop()
+    assert "retrying" in err and "Traceback" not in err
+
+
+def test_a_flushed_redis_tells_every_processes_clients_of_the_gap(cluster, redis_server):
+    a, b = cluster(2)
+    old = a.post({"body": "before"}).json()
+    b.wait_for(lambda s: s["streams"]["chat"]["last_id"] == old["id"])
+    redis_server.cli("FLUSHALL")
+    new = b.post({"body": "after"}).json()
+    assert new["id"] > old["id"]                # counted afresh from the clock, above every old id
+    for srv in (a, b):
+        body = srv.get(f"/chat/updates?cursor={old['id']}").json()
+        assert body == {"messages": [new], "cursor": new["id"], "gap": True}
+
+
+def test_each_feed_is_fetched_once_per_interval_for_all_processes(cluster):
+    feeds = FeedServer()
+    url = feeds.feed("/shared.xml", atom(numbered(1, 3)))
+    try:
+        servers = cluster(3, "--feed", url, "--feed-interval", "1")
+        while len(feeds.times) < 3:
+            eventlet.sleep(0.05)
+        feeds.feed("/shared.xml", atom(numbered(1, 6)))
+        while len(feeds.times) < 6:
+            eventlet.sleep(0.05)
+        gaps = [later - earlier for earlier, later in zip(feeds.times, feeds.times[1:])]
+        assert min(gaps) > 0.8, gaps            # one fetch per interval, not one per process
+        lists = []
+        for srv in servers:
+            srv.wait_for(lambda s: s["feeds"][0]["entries"] == 6 and s["streams"]["feed"]["kept"] == 6)
+            lists.append(srv.get("/feed/updates").json()["entries"])
+        assert [e["title"] for e in lists[0]] == [f"Entry {n}" for n in range(1, 7)]   # each once
+        assert lists[0] == lists[1] == lists[2]                 # with the same ids everywhere
+    finally:
+        feeds.close()
+
+
+def test_flood_control_and_client_ids_hold_across_processes(cluster):
+    a, b, c = cluster(3, "--post-burst", "3", "--post-rate", "0.01")
+    first = a.post({"body": "one", "client_id": "k1"})
+    retried = b.post({"body": "one", "client_id": "k1"})        # its answer was lost; sent elsewhere
+    assert first.status == 201 and retried.status == 200 and retried.json() == first.json()
+    assert c.post({"body": "two"}).status == 201
+    assert a.post({"body": "three"}).status == 201
+    refused = b.post({"body": "four"})                          # the fourth, wherever it lands
+    assert refused.status == 429 and int(refused.headers["Retry-After"]) > 1
+    top = c.cursor()
+    assert [m["body"] for m in follow(c, top - 3, top)] == ["one", "two", "three"]
+
+
+def test_a_client_id_sent_to_two_processes_at_once_posts_once(cluster):
+    a, b = cluster(2, "--history", "1000", "--post-burst", "100000", "--post-rate", "100000")
+    start_cursor = a.cursor()
+    for n in range(100):
+        twins = [eventlet.spawn(srv.post, {"body": f"twin {n}", "client_id": f"twin-{n}"}) for srv in (a, b)]
+        first, second = (t.wait().json() for t in twins)
+        assert first == second
+    assert [m["body"] for m in follow(a, start_cursor, a.cursor())] == [f"twin {n}" for n in range(100)]
+
+
+def test_a_bad_redis_url_is_refused_clearly():
+    assert "Redis URL must specify" in start_fails("--redis", "http://127.0.0.1:6379/")
