@@ -10,6 +10,7 @@ the load generator stays cheap next to the server. Standard library only.
     python bench.py --clients 1000 --rounds 2 --skip-feeds   # a quick look
     python bench.py --json bench.json     # also write the figures as JSON
     python bench.py --compare             # green threads vs OS threads vs Tornado, parked clients
+    python bench.py --scale-out           # one process in memory, one and two sharing Redis
 """
 
 import argparse
@@ -20,6 +21,7 @@ import os
 import re
 import resource
 import selectors
+import shutil
 import socket
 import statistics
 import subprocess
@@ -129,9 +131,12 @@ def loopback(n):
     return f"127.1.{n >> 8 & 255}.{n & 255}"
 
 
-def connect(app, n):
+def connect(apps, n):
+    """n clients, dealt round the app processes (one App, or a list of them)."""
+    apps = apps if isinstance(apps, list) else [apps]
     clients = []
     for i in range(n):
+        app = apps[i % len(apps)]
         sock = socket.create_connection((app.host, app.port), source_address=(loopback(i), 0))
         sock.setblocking(False)
         clients.append(Client(sock))
@@ -179,10 +184,16 @@ def post_with_buckets(app, n, samples=200):
             "post_ms_p50": statistics.median(after), "post_ms_p99": percentile(after, 99)}
 
 
-def fan_out(app, n, rounds):
-    """N parked clients, one message, time until each has it; and memory per parked client."""
-    idle_rss, idle_vm = app.rss(), app.address_space()
-    clients = connect(app, n)
+def fan_out(apps, n, rounds):
+    """N parked clients dealt round the processes (one App, or a list sharing Redis),
+    one message posted to the first, time until each has it; memory per parked client."""
+    apps = apps if isinstance(apps, list) else [apps]
+    app = apps[0]
+
+    def total(measure):
+        return sum(measure(a) for a in apps)
+    idle_rss, idle_vm = total(App.rss), total(App.address_space)
+    clients = connect(apps, n)
     sel = selectors.DefaultSelector()
     for c in clients:
         sel.register(c.sock, selectors.EVENT_READ, c)
@@ -193,10 +204,12 @@ def fan_out(app, n, rounds):
         for c in clients:
             c.answered_at = None
             c.poll(b"/chat/updates", cursor)
-        app.wait_until(lambda s: s["streams"]["chat"]["waiting"] == n, 120, f"{n} parked polls")
+        for i, a in enumerate(apps):
+            share = len(range(i, n, len(apps)))
+            a.wait_until(lambda s: s["streams"]["chat"]["waiting"] == share, 120, f"{share} parked polls")
         park_s = time.perf_counter() - parking
         early = sum(1 for key, _ in sel.select(timeout=0.2))   # anything answered before the post is wrong
-        parked_rss, parked_vm = app.rss(), app.address_space()
+        parked_rss, parked_vm = total(App.rss), total(App.address_space)
         start = time.perf_counter()
         status, message = app.request("POST", "/chat/messages", {"nick": "bench", "body": "fan-out"})
         post_ms = (time.perf_counter() - start) * 1000
@@ -220,8 +233,9 @@ def fan_out(app, n, rounds):
     for c in clients:
         c.sock.close()
     sel.close()
-    app.wait_until(lambda s: s["waiting"] == 0, 60, "clients to leave")
-    return {"clients": n, "rounds": results,
+    for a in apps:
+        a.wait_until(lambda s: s["waiting"] == 0, 60, "clients to leave")
+    return {"clients": n, "processes": len(apps), "rounds": results,
             **{k: statistics.median(r[k] for r in results) for k in results[0]},
             "errors": sum(r["errors"] for r in results)}
 
@@ -350,11 +364,20 @@ def main():
     p.add_argument("--compare", type=int, nargs="*", metavar="N",
                    help="instead of the above: park N clients (default: 2000 10000) on the app's green "
                         "threads, on one OS thread per connection, and on Tornado if it is installed")
+    p.add_argument("--scale-out", type=int, nargs="*", metavar="N",
+                   help="instead of the above: fan-out to N parked clients (default: 10000 20000) on one "
+                        "process in memory, on one process sharing Redis, and spread over two sharing Redis")
     args = p.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    most = max(args.clients + (args.compare or [10000]) + (args.scale_out or [20000]))
+    if most + 100 > hard:
+        raise SystemExit(f"{most} clients need more open files than this machine's hard limit, {hard} "
+                         "(ulimit -Hn); ask for fewer")
     if args.compare is not None:
         return compare(args.compare or [2000, 10000], args.rounds, args.json)
+    if args.scale_out is not None:
+        return scale_out(args.scale_out or [10000, 20000], args.rounds, args.posters, args.seconds, args.json)
     report = {"machine": f"{os.cpu_count()} cores, {platform()}", "fan_out": []}
 
     for n in args.clients:
@@ -436,6 +459,76 @@ def compare(sizes, rounds, json_file):
               f"{r['p99_ms']:,.0f} ms | {r['errors']} |")
     if json_file:
         Path(json_file).write_text(json.dumps({"machine": platform(), "compare": rows}, indent=2))
+
+
+class Redis:
+    """Debian's redis-server on a free loopback port, keeping nothing on disk."""
+
+    def __init__(self):
+        if not shutil.which("redis-server"):
+            raise SystemExit("redis-server is not installed (apt-get install redis-server)")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self.proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                                      "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while subprocess.run(["redis-cli", "-p", str(port), "PING"], capture_output=True).stdout != b"PONG\n":
+            if time.monotonic() > deadline:
+                raise SystemExit("redis-server did not start")
+            time.sleep(0.05)
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+def scale_out(sizes, rounds, posters, seconds, json_file):
+    """Fan-out on one process in memory, one process on Redis, and two processes on Redis;
+    and posting alone, flat out, on one process in memory and on Redis."""
+    redis = Redis()
+    setups = [("1 process, --db :memory:", 1, {"db": ":memory:"}),
+              ("1 process, --redis", 1, {"flags": ("--redis", redis.url)}),
+              ("2 processes, --redis", 2, {"flags": ("--redis", redis.url)})]
+    rows = []
+    try:
+        for n in sizes:
+            for name, count, how in setups:
+                apps = [App(*how.get("flags", ()), db=how.get("db")) for _ in range(count)]
+                try:
+                    for app in apps:
+                        app.wait_until(lambda s: s["storage"]["ok"], 30, "the connection to Redis")
+                    r = fan_out(apps, n, rounds)
+                finally:
+                    for app in apps:
+                        app.stop()
+                rows.append({"setup": name, **r})
+                print(f"{name}, {n} clients: p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms, "
+                      f"POST {r['post_ms']:.1f} ms, {r['kb_per_client']:.1f} KB/client, errors {r['errors']}",
+                      flush=True)
+        posting = {}
+        for name, flags in (("memory", ("--db", ":memory:")), ("redis", ("--redis", redis.url))):
+            app = App("--post-rate", "1000000", "--post-burst", "1000000", *flags)
+            try:
+                app.wait_until(lambda s: s["storage"]["ok"], 30, "the connection to Redis")
+                posting[name] = throughput(app, 0, posters, seconds)["posted_per_s"]
+            finally:
+                app.stop()
+    finally:
+        redis.stop()
+    print(f"\nMachine: {os.cpu_count()} cores, {platform()}; server processes, Redis and load generator "
+          "on the same box.\n")
+    print("| setup | parked clients | fan-out p50 | fan-out p99 | POST | memory per parked client | errors |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['setup']} | {r['clients']:,} | {r['p50_ms']:,.0f} ms | {r['p99_ms']:,.0f} ms | "
+              f"{r['post_ms']:.1f} ms | {r['kb_per_client']:.1f} KB | {r['errors']} |")
+    print(f"\nPosting alone, one process, {posters} posters: {posting['memory']:,.0f} messages/s in memory, "
+          f"{posting['redis']:,.0f}/s through Redis ({100 * posting['redis'] / posting['memory']:.0f} %).")
+    if json_file:
+        Path(json_file).write_text(json.dumps({"machine": platform(), "scale_out": rows, "posting": posting},
+                                              indent=2))
 
 
 def platform():
