@@ -484,28 +484,37 @@ def fits(page, selector):
     assert page.evaluate("document.scrollingElement.scrollWidth") <= width
 
 
-def readme_nginx_block():
-    return re.search(r"```nginx\n(.*?)```", (HERE / "README.md").read_text(encoding="utf-8"), re.S)[1]
+def readme_nginx_block(upstream=False):
+    """The README's nginx block for one process, or with `upstream` the one for several."""
+    blocks = re.findall(r"```nginx\n(.*?)```", (HERE / "README.md").read_text(encoding="utf-8"), re.S)
+    return next(b for b in blocks if ("upstream " in b) == upstream)
 
 
 @pytest.fixture
 def nginx(tmp_path):
-    """Start Debian's nginx with the README's own server block; return a function
-    that takes the app's port and gives the proxy's."""
+    """Start Debian's nginx with the README's own configuration; return a function
+    that takes the app's port (or its processes' ports) and gives the proxy's."""
     binary = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
     if not binary:
         missing("nginx is not installed (apt-get install nginx)")
     procs = []
 
-    def run(app_port):
+    def run(*app_ports):
         with socket.socket() as s:          # a free, non-default port for the proxy
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        block = readme_nginx_block()
-        # The block unchanged but for its two ports (and the proxy kept on loopback).
-        assert "listen 8000;" in block and "http://127.0.0.1:8080;" in block
+        # The block unchanged but for its ports (and the proxy kept on loopback).
+        if len(app_ports) == 1:
+            block = readme_nginx_block()
+            assert "http://127.0.0.1:8080;" in block
+            block = block.replace("http://127.0.0.1:8080;", f"http://127.0.0.1:{app_ports[0]};")
+        else:
+            block = readme_nginx_block(upstream=True)
+            for readme_port, app_port in zip((8081, 8082), app_ports, strict=True):
+                assert f"server 127.0.0.1:{readme_port};" in block
+                block = block.replace(f"server 127.0.0.1:{readme_port};", f"server 127.0.0.1:{app_port};")
+        assert "listen 8000;" in block
         block = block.replace("listen 8000;", f"listen 127.0.0.1:{port};")
-        block = block.replace("http://127.0.0.1:8080;", f"http://127.0.0.1:{app_port};")
         temp = "\n".join(f"{kind}_temp_path {tmp_path}/{kind};"
                          for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
         (tmp_path / "nginx.conf").write_text(
@@ -540,6 +549,28 @@ def test_chat_through_the_readme_nginx_config(start, open_page, nginx):
     expect(bob.locator("#messages .text")).to_have_text(["through the proxy"], timeout=2000)
     expect(alice.locator("#notice")).to_be_hidden()
     assert app.status()["streams"]["chat"]["waiting"] == 2     # both polls park through the proxy
+
+
+def test_chat_through_the_readme_deployment_while_a_process_dies(start, open_page, nginx, redis_url):
+    from playwright.sync_api import expect
+    apps = [start("--redis", redis_url, "--trusted-proxy", "127.0.0.1", "--poll-timeout", "5") for _ in range(2)]
+    for app in apps:
+        app.wait_for(lambda s: s["storage"]["ok"])
+    url = f"http://127.0.0.1:{nginx(*(app.port for app in apps))}/"
+    alice, bob = open_page(url), open_page(url)
+    for page in (alice, bob):
+        expect(page.locator("#state")).to_have_text("Live")
+    send(alice, "one")
+    expect(bob.locator("#messages .text")).to_have_text(["one"], timeout=2000)
+    # SIGKILL a process with polls parked: they fail, and the pages carry on through the other.
+    victim = max(apps, key=lambda app: app.status()["waiting"])
+    assert victim.status()["waiting"]
+    victim.proc.kill()
+    send(bob, "two")
+    send(alice, "three")
+    for page in (alice, bob):
+        expect(page.locator("#messages .text")).to_have_text(["one", "two", "three"], timeout=10000)
+        expect(page.locator("#notice")).to_be_hidden()
 
 
 # -- Many tabs in one browser --------------------------------------------------
