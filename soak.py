@@ -9,8 +9,11 @@ It starts longpoll.py on a free loopback port and runs, in green threads:
     and sometimes hang up before the answer, then retry with the same id;
   - vandals: polls abandoned mid-wait, requests never finished, bad input.
 At the end every poller must have seen every posted message exactly once.
+With --processes N, N processes share a Redis of the soak's own, and every
+request goes to one of them at random, as through a balancer without stickiness.
 
     python soak.py --minutes 10
+    python soak.py --minutes 10 --processes 2
 """
 
 import argparse
@@ -28,13 +31,13 @@ import eventlet  # noqa: E402
 from eventlet.green import socket  # noqa: E402
 from eventlet.green.http import client as http_client  # noqa: E402
 
-from bench import App  # noqa: E402
+from bench import App, Redis  # noqa: E402
 
 
 
 class Soak:
-    def __init__(self, host, port, minutes):
-        self.host, self.port = host, port
+    def __init__(self, apps, minutes):
+        self.apps = apps
         self.end = time.monotonic() + minutes * 60     # posting and vandalism stop then
         self.poll_end = self.end + 3600                 # polling stops once all is delivered
         self.posted = {}                # message id -> client_id
@@ -42,7 +45,12 @@ class Soak:
         self.retries = self.bad_requests = self.vanished = 0
 
     def connection(self, source="127.0.0.1", timeout=30):
-        return http_client.HTTPConnection(self.host, self.port, timeout=timeout, source_address=(source, 0))
+        app = random.choice(self.apps)
+        return http_client.HTTPConnection(app.host, app.port, timeout=timeout, source_address=(source, 0))
+
+    def address(self):
+        app = random.choice(self.apps)
+        return app.host, app.port
 
     def error(self, what):
         self.errors.append(what)
@@ -109,11 +117,11 @@ class Soak:
             kind = random.randrange(3)
             try:
                 if kind == 0:                   # a request never finished
-                    sock = socket.create_connection((self.host, self.port))
+                    sock = socket.create_connection(self.address())
                     sock.sendall(b"GET /chat/upd")
                     eventlet.spawn_after(random.random() * 3, sock.close)
                 elif kind == 1:                 # a poll abandoned while it waits
-                    sock = socket.create_connection((self.host, self.port))
+                    sock = socket.create_connection(self.address())
                     sock.sendall(b"GET /chat/updates?cursor=%d HTTP/1.1\r\nHost: x\r\n\r\n" % (10 ** 17))
                     eventlet.spawn_after(random.random() * 3, sock.close)
                 else:                           # bad input: a 4xx, never a 5xx
@@ -134,13 +142,20 @@ def main():
     p.add_argument("--pollers", type=int, default=300, help="clients following the chat (default: 300)")
     p.add_argument("--posters", type=int, default=10, help="posting clients, one address each (default: 10)")
     p.add_argument("--rate", type=float, default=1.0, help="messages a second per poster (default: 1)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="app processes; more than 1 share a Redis the soak starts (default: 1)")
     args = p.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     # The default --history: memory should level off once the history and the
     # client_id memory are full.
-    app = App("--feeds", os.devnull, "--poll-timeout", "5", "--client-timeout", "5")
-    soak = Soak(app.host, app.port, args.minutes)
+    redis = Redis() if args.processes > 1 else None
+    flags = ("--redis", redis.url) if redis else ()
+    apps = [App("--feeds", os.devnull, "--poll-timeout", "5", "--client-timeout", "5", *flags)
+            for _ in range(args.processes)]
+    for app in apps:
+        app.wait_until(lambda s: s["storage"]["ok"], 30, "the connection to Redis")
+    soak = Soak(apps, args.minutes)
     pollers = [eventlet.spawn(soak.poller, fickle=n % 3 == 0) for n in range(args.pollers)]
     posters = [eventlet.spawn(soak.poster, f"127.0.1.{n + 1}", args.rate) for n in range(args.posters)]
     vandals = [eventlet.spawn(soak.vandal) for _ in range(5)]
@@ -148,7 +163,7 @@ def main():
     memory, started = [], time.monotonic()
     while time.monotonic() < soak.end:
         eventlet.sleep(min(60, soak.end - time.monotonic()))
-        memory.append(app.rss() / 2 ** 20)
+        memory.append(sum(app.rss() for app in apps) / 2 ** 20)
         print(f"{(time.monotonic() - started) / 60:6.1f} {memory[-1]:7.1f} {len(soak.posted):7d} "
               f"{len(soak.errors):6d}", flush=True)
     for g in posters + vandals:
@@ -156,7 +171,10 @@ def main():
     eventlet.sleep(6)                           # let the last posts reach the pollers
     soak.poll_end = time.monotonic()            # then the pollers stop after their next answer
     views = [g.wait() for g in pollers]
-    app.stop()
+    for app in apps:
+        app.stop()
+    if redis:
+        redis.stop()
     expected = sorted(soak.posted)
     lost = sum(len(set(expected) - set(v)) for v in views)
     # A post made twice would show as an id nobody was answered with.
