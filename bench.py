@@ -370,14 +370,18 @@ def main():
     args = p.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    most = max(args.clients + (args.compare or [10000]) + (args.scale_out or [20000]))
+    if args.compare is not None:
+        args.compare = args.compare or [2000, 10000]
+    if args.scale_out is not None:
+        args.scale_out = args.scale_out or [10000, 20000]
+    most = max(args.compare or args.scale_out or args.clients)
     if most + 100 > hard:
         raise SystemExit(f"{most} clients need more open files than this machine's hard limit, {hard} "
                          "(ulimit -Hn); ask for fewer")
     if args.compare is not None:
-        return compare(args.compare or [2000, 10000], args.rounds, args.json)
+        return compare(args.compare, args.rounds, args.json)
     if args.scale_out is not None:
-        return scale_out(args.scale_out or [10000, 20000], args.rounds, args.posters, args.seconds, args.json)
+        return scale_out(args.scale_out, args.rounds, args.posters, args.seconds, args.json)
     report = {"machine": f"{os.cpu_count()} cores, {platform()}", "fan_out": []}
 
     for n in args.clients:
