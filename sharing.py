@@ -181,7 +181,8 @@ class RedisStore:
                     backoff = 0.1
             except StoreError:
                 if backoff == 0.1:
-                    print(f"longpoll: {self.error}; serving from memory and retrying", file=sys.stderr, flush=True)
+                    print(f"longpoll: cannot use Redis at {self.where()} ({self.error.removeprefix('Redis: ')}); "
+                          "posts get 503 until it answers; retrying", file=sys.stderr, flush=True)
                 eventlet.sleep(backoff)
                 backoff = min(backoff * 2, 5)
 

@@ -1411,7 +1411,8 @@ def test_a_process_started_without_redis_serves_and_joins_it_later(start, tmp_pa
     finally:
         redis.stop()
     err = srv.stop()
-    assert "retrying" in err and "Traceback" not in err
+    assert f"cannot use Redis at redis://127.0.0.1:{port}/0" in err and "Redis is back" in err
+    assert "Traceback" not in err
 
 
 def test_a_flushed_redis_tells_every_processes_clients_of_the_gap(cluster, redis_server):
@@ -1473,3 +1474,13 @@ def test_a_client_id_sent_to_two_processes_at_once_posts_once(cluster):
 
 def test_a_bad_redis_url_is_refused_clearly():
     assert "Redis URL must specify" in start_fails("--redis", "http://127.0.0.1:6379/")
+
+
+def test_the_redis_password_is_never_shown(start):
+    port = free_port()                      # nothing listens there
+    srv = start("--redis", f"redis://:hunter2@127.0.0.1:{port}/0")
+    srv.wait_for(lambda s: s["storage"]["error"] != "not connected yet")
+    assert "hunter2" not in srv.get("/status").body.decode()
+    assert srv.status()["storage"]["redis"] == f"redis://127.0.0.1:{port}/0"
+    err = srv.stop()
+    assert "cannot use Redis" in err and "hunter2" not in err
