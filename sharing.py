@@ -31,7 +31,7 @@ import redis.retry
 from storage import StoreError
 
 PREFIX = "longpoll:"
-CLIENT_IDS_KEPT = 24 * 3600     # seconds a posted client_id is remembered; a retry comes within minutes
+CLIENT_IDS_KEPT = 3600          # seconds a posted client_id is remembered; a retry comes within minutes
 
 # The ids of a stream come from its counter. A missing counter (Redis wiped) or
 # one below an id this process has seen (Redis restored from an older copy)
@@ -176,8 +176,7 @@ class RedisStore:
                                       count=1000, block=5000)
                     self.connected()
                     for name, entries in reply or ():
-                        streams[name[len(PREFIX):]].add(
-                            [{"id": int(i.split("-")[0]), **json.loads(e["item"])} for i, e in entries])
+                        streams[name[len(PREFIX):]].add(list(items(entries)))
                     backoff = 0.1
             except StoreError:
                 if backoff == 0.1:
@@ -187,6 +186,7 @@ class RedisStore:
                 backoff = min(backoff * 2, 5)
 
     def connected(self):
+        """Note that Redis answers; say so if it had not."""
         if self.error:
             if self.error != "not connected yet":
                 print(f"longpoll: Redis is back at {self.where()}", file=sys.stderr, flush=True)
@@ -203,3 +203,13 @@ class RedisStore:
     def close(self):
         self.redis.close()
         self.reader.close()
+
+
+def items(entries):
+    """The items of XREAD's entries. One this app did not write is skipped, not
+    fatal: the reader must go on, and the hole in the ids reports a gap."""
+    for entry_id, fields in entries:
+        try:
+            yield {"id": int(entry_id.split("-")[0]), **json.loads(fields["item"])}
+        except (KeyError, TypeError, ValueError):
+            print(f"longpoll: skipped Redis entry {entry_id}: not an item of this app", file=sys.stderr, flush=True)

@@ -1486,3 +1486,14 @@ def test_the_redis_password_is_never_shown(start):
     assert srv.status()["storage"]["redis"] == f"redis://127.0.0.1:{port}/0"
     err = srv.stop()
     assert "cannot use Redis" in err and "hunter2" not in err
+
+
+def test_an_entry_written_to_redis_by_someone_else_is_skipped_as_a_gap(cluster, redis_server):
+    a, b = cluster(2)
+    old = a.post({"body": "before"}).json()
+    redis_server.cli("XADD", "longpoll:messages", f"{old['id'] + 1}-0", "item", "{not json")
+    redis_server.cli("SET", "longpoll:messages:last", str(old["id"] + 1))
+    new = b.post({"body": "after"}).json()
+    for srv in (a, b):                          # each reader went on past it
+        body = srv.get(f"/chat/updates?cursor={old['id']}").json()
+        assert body == {"messages": [new], "cursor": new["id"], "gap": True}
