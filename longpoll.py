@@ -526,7 +526,9 @@ class Feed:
                 # lease checks it; the others wait out the lease, then take up
                 # what it learnt. One process alone always holds it.
                 delay, report = store.lease(self.url, settings.fetch_timeout + 30)
-                self.resume(store.feed_state(self.url))
+                if store.shared or self.seen is None:
+                    # Alone, what is stored is what this process did; read it only at start.
+                    self.resume(store.feed_state(self.url))
                 if delay:
                     delay = min(delay, settings.feed_interval)   # to hear of the holder, or take over
                     self.ok, self.error, self.last_checked = (report.get(k) for k in ("ok", "error", "last_checked"))
