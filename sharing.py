@@ -20,7 +20,6 @@ redis-py's sockets are green.
 
 import json
 import sys
-import time
 import urllib.parse
 
 import eventlet

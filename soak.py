@@ -44,13 +44,13 @@ class Soak:
         self.errors = []
         self.retries = self.bad_requests = self.vanished = 0
 
-    def connection(self, source="127.0.0.1", timeout=30):
-        app = random.choice(self.apps)
-        return http_client.HTTPConnection(app.host, app.port, timeout=timeout, source_address=(source, 0))
-
     def address(self):
+        """A process to send a request to: any of them, as a balancer without stickiness would."""
         app = random.choice(self.apps)
         return app.host, app.port
+
+    def connection(self, source="127.0.0.1", timeout=30):
+        return http_client.HTTPConnection(*self.address(), timeout=timeout, source_address=(source, 0))
 
     def error(self, what):
         self.errors.append(what)

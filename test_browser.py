@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FeedServer, atom, numbered
+from conftest import FeedServer, atom, free_port, numbered
 
 HERE = Path(__file__).resolve().parent
 # The README's screenshots are retaken only when asked (SCREENSHOTS=docs), so a
@@ -500,9 +500,7 @@ def nginx(tmp_path):
     procs = []
 
     def run(*app_ports):
-        with socket.socket() as s:          # a free, non-default port for the proxy
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()                  # a free, non-default port for the proxy
         # The block unchanged but for its ports (and the proxy kept on loopback).
         if len(app_ports) == 1:
             block = readme_nginx_block()
