@@ -278,6 +278,16 @@ def throughput(app, n, posters, seconds):
             "posted_per_s": posted / seconds, "delivered_per_s": delivered / seconds, "gaps": errors}
 
 
+def posting_alone(posters, seconds, *flags, db=None):
+    """Messages a second that `posters` connections post flat out, flood control opened."""
+    app = App("--post-rate", "1000000", "--post-burst", "1000000", *flags, db=db)
+    try:
+        app.wait_until(lambda s: s["storage"]["ok"], 30, "the store (with --redis, the connection)")
+        return throughput(app, 0, posters, seconds)["posted_per_s"]
+    finally:
+        app.stop()
+
+
 class FeedFarm:
     """n small Atom feeds on a local server that answers 304 when the ETag matches."""
 
@@ -403,13 +413,8 @@ def main():
     finally:
         app.stop()
     # Posting alone, flat out, with the database file and with :memory:, one after the other.
-    report["posting"] = {}
-    for mode, db in (("file", None), ("memory", ":memory:")):
-        app = App("--post-rate", "1000000", "--post-burst", "1000000", db=db)
-        try:
-            report["posting"][mode] = throughput(app, 0, args.posters, args.seconds)["posted_per_s"]
-        finally:
-            app.stop()
+    report["posting"] = {mode: posting_alone(args.posters, args.seconds, db=db)
+                         for mode, db in (("file", None), ("memory", ":memory:"))}
     p = report["posting"]
     print(f"posting, {args.posters} posters: {p['file']:.0f}/s with the database file, {p['memory']:.0f}/s "
           f"with :memory: ({100 * p['file'] / p['memory']:.0f} %)", flush=True)
@@ -511,14 +516,8 @@ def scale_out(sizes, rounds, posters, seconds, json_file):
                 print(f"{name}, {n} clients: p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms, "
                       f"POST {r['post_ms']:.1f} ms, {r['kb_per_client']:.1f} KB/client, errors {r['errors']}",
                       flush=True)
-        posting = {}
-        for name, flags in (("memory", ("--db", ":memory:")), ("redis", ("--redis", redis.url))):
-            app = App("--post-rate", "1000000", "--post-burst", "1000000", *flags)
-            try:
-                app.wait_until(lambda s: s["storage"]["ok"], 30, "the connection to Redis")
-                posting[name] = throughput(app, 0, posters, seconds)["posted_per_s"]
-            finally:
-                app.stop()
+        posting = {"memory": posting_alone(posters, seconds, db=":memory:"),
+                   "redis": posting_alone(posters, seconds, "--redis", redis.url)}
     finally:
         redis.stop()
     print(f"\nMachine: {os.cpu_count()} cores, {platform()}; server processes, Redis and load generator "
