@@ -6,13 +6,11 @@ request simply waits -- an eventlet Event inside an ordinary Bottle handler --
 until something is published. Two streams share that one mechanism: the chat
 room and the feed stream, which green threads fill from Atom/RSS feeds.
 
-How a posted message reaches a waiting browser: post_message() validates it and
-calls Stream.publish(), which wakes every request parked in Stream.wait(), and
-updates() sends each its JSON. (With --redis, publish() appends to Redis, and
-every process's reader in sharing.py brings the item into its own Stream.)
+How a posted message reaches a waiting browser is told once, in
+docs/walkthrough.md: post_message(), Stream.add(), Stream.wait() and updates().
 
-The file reads top to bottom: configuration, the stream, the chat routes, the
-feed poller, status and pages, main().
+The file reads top to bottom: configuration, the stream and the registry of
+streams, HTTP helpers, the chat routes, the feed poller, status and pages, main().
 """
 
 # eventlet says on import that it is in bugfix-only maintenance; the README
@@ -182,53 +180,29 @@ def read_feed_list(text):
     return [http_url(u) for u in urls if u]
 
 
-settings = parse_args([])       # main() replaces these with the command line's
+settings = None     # main() parses the command line, once
 
 # -- The stream ---------------------------------------------------------------
 
 
 class Stream:
-    """A bounded history of items with consecutive ids, and the clients waiting for the next."""
+    """A bounded history of items with consecutive ids, and the clients waiting for the next.
 
-    def __init__(self, key, history, first_id=None):
-        self.key = key                  # the list's name in a response: "messages" or "entries"
-        self.items = collections.deque(maxlen=history)
-        # A new stream's ids count up from the clock in microseconds (load()
-        # continues a stored one's), so even after its database is deleted they
-        # are all above any older cursor: a returning browser is told of a gap
-        # instead of silently skipping what it missed.
-        self.last_id = (time.time_ns() // 1000 if first_id is None else first_id) - 1
+    Its store gives the ids and keeps the items (storage.Store in one process,
+    sharing.RedisStore for several) and hands each batch back to add()."""
+
+    def __init__(self, key, store, history):
+        self.key, self.store = key, store   # key: the list's name in a response, and in the store
+        items, self.last_id = store.load(key)
+        self.items = collections.deque(items, maxlen=history)
         self.event = eventlet.Event()
         self.waiting = 0
         self.closed = False
-        self.store = None               # load() attaches the database it writes through to
-
-    def load(self, store):
-        """Continue from what `store` kept: its newest items and their ids (at start)."""
-        self.store = store
-        if store.shared:
-            # Nothing read from Redis yet: sharing.follow() brings its history.
-            self.items, self.last_id = collections.deque(maxlen=store.history), 0
-            return
-        self.items = collections.deque(store.items(self.key), maxlen=store.history)
-        if self.items:
-            self.last_id = self.items[-1]["id"]
 
     def publish(self, *batch, **record):
-        """Give each item (a dict of fields) the next id and wake every waiter; return the items.
-        `record` is stored with them: a chat message's client_id, or a feed's state."""
-        if self.store and self.store.shared:
-            # Redis gives the ids, and sharing.follow() adds the items here as it
-            # adds every other process's, in id order.
-            return self.store.append(self.key, batch, self.last_id, **record)
-        items = [{"id": self.last_id + n, **fields} for n, fields in enumerate(batch, 1)]
-        if self.store:
-            # Written before anyone can see them, so what a browser was shown or
-            # a POST was acknowledged for survives a crash. If the write fails
-            # (StoreError) nothing is published.
-            self.store.write(self.key, items, **record)
-        self.add(items)
-        return items
+        """Publish items (dicts of fields) with what the store keeps beside them (a chat
+        message's client_id, a feed's state): (the items with their ids, whether they are new)."""
+        return self.store.append(self.key, batch, **record)
 
     def add(self, items):
         """Keep items that are stored and have their ids, and wake every waiter."""
@@ -242,18 +216,23 @@ class Stream:
         self.last_id = items[-1]["id"]
         self.items.extend(items)
         # An eventlet Event can be sent only once: swap in a fresh one and send
-        # the old one, which wakes every current waiter. The send itself waits
-        # for the hub's next turn, so the publisher answers its own client first.
+        # the old one, which wakes every current waiter. Sent on the hub's next
+        # turn, so scheduling thousands of waiters is not done inside the request
+        # of whoever published.
         event, self.event = self.event, eventlet.Event()
         eventlet.spawn_after(0, event.send)
 
     def since(self, cursor):
         """(items newer than cursor, cursor to send next, whether items were dropped)."""
-        if cursor is not None and cursor > self.last_id and self.store and self.store.shared:
-            # Another process gave this id and our Redis reader has not brought it yet: wait for it.
-            return [], cursor, False
+        if cursor is not None and cursor > self.last_id:
+            # An id this process has not seen: only the store knows whether it was issued.
+            issued = self.store.issued(self.key, cursor)
+            if issued is not None:
+                # Issued elsewhere and on its way: wait for what follows. Or the
+                # store had lost it and gave a new id past it: told of the gap.
+                return [], issued, issued != cursor
         if cursor is None or cursor > self.last_id:
-            # No cursor, or one this server never issued: start over from what is kept.
+            # No cursor, or one never issued: start over from what is kept.
             return list(self.items), self.last_id, False
         first = self.last_id - len(self.items) + 1    # oldest id still kept
         gap = cursor < first - 1
@@ -285,8 +264,23 @@ class Stream:
         event.send()
 
 
-chat = Stream("messages", settings.history)
-feed = Stream("entries", settings.history)
+# Every stream: its name (its route /NAME/updates, and its row in /status) and
+# the key of its items. Creating, loading, delivering, following, closing,
+# /status and the updates route all go through this one list.
+STREAMS = {"chat": "messages", "feed": "entries"}
+streams = {}        # name -> Stream; main() opens them with open_streams()
+
+
+def open_streams(store, history):
+    """A Stream for each of STREAMS, from what the store kept, and the store's
+    deliveries routed to them; then start the store's reader, if it has one."""
+    opened = {name: Stream(key, store, history) for name, key in STREAMS.items()}
+    by_key = {s.key: s for s in opened.values()}
+    store.deliver = lambda key, items: by_key[key].add(items)
+    store.start()
+    return opened
+
+
 app = bottle.Bottle()
 
 # -- HTTP helpers -------------------------------------------------------------
@@ -301,6 +295,7 @@ def error_body(err):
     # A browser that asked for a page gets a short page; everyone else JSON.
     # Never a traceback: err.traceback stays on the server's stderr.
     message = err.body if err.status_code != 500 else "internal server error"
+    no_store()      # an error is about this request only: a cache must not replay it
     if "text/html" in bottle.request.get_header("Accept", ""):
         bottle.response.content_type = "text/html; charset=utf-8"
         status, message = bottle.html_escape(err.status), bottle.html_escape(message)
@@ -450,8 +445,8 @@ class TokenBucket:
         return 0
 
 
-posting = TokenBucket()     # main() puts the buckets in Redis with --redis, for every process
-store = None                # main() opens the --db, or --redis
+posting = None      # main(): a TokenBucket, or with --redis sharing.RedisBuckets for every process
+store = None        # main() opens the --db, or --redis
 
 
 @app.post("/chat/messages")
@@ -468,16 +463,13 @@ def post_message():
         if wait:
             wait = math.ceil(wait)
             fail(429, f"too many messages; try again in {wait} s", Retry_After=str(wait))
-        [message] = chat.publish({"nick": nick, "body": body, "time": time.time()}, client_id=client_id)
+        [message], new = streams["chat"].publish(
+            {"nick": nick, "body": body, "time": time.time()}, client_id=client_id)
     except storage.StoreError:
         fail(503, "the server cannot store messages right now; try again shortly", Retry_After="10")
-    bottle.response.status = 201
+    # 200 for a copy that raced its original (to another process, say): posted once.
+    bottle.response.status = 201 if new else 200
     return message
-
-
-@app.get("/chat/updates")
-def chat_updates():
-    return updates(chat)
 
 
 # -- The feed poller ----------------------------------------------------------
@@ -612,7 +604,7 @@ class Feed:
         new = list(new.values())[:FIRST_FETCH_ENTRIES if first_fetch else MAX_NEW_PER_FETCH][::-1]
         state = {"title": title, "etag": etag, "modified": modified,
                  "entries": self.entries + len(new), "seen": list(seen)}
-        feed.publish(*({"feed": title, "title": e["title"], "link": e["link"], "summary": e["summary"],
+        streams["feed"].publish(*({"feed": title, "title": e["title"], "link": e["link"], "summary": e["summary"],
                         "published": e["published"]} for e in new), feed=(self.url, state))
         self.title, self.etag, self.modified, self.entries, self.seen = (
             title, etag, modified, state["entries"], seen)
@@ -703,21 +695,23 @@ def parse_feed(body, headers):
 feeds = []      # main() fills it from the command line
 
 
-@app.get("/feed/updates")
-def feed_updates():
-    return updates(feed)
-
-
 # -- Status and pages ---------------------------------------------------------
+
+
+@app.get("/<name>/updates")
+def stream_updates(name):
+    if name not in streams:
+        fail(404, f"no stream named {name}")
+    return updates(streams[name])
 
 
 @app.get("/status")
 def status():
     no_store()
     return {
-        "waiting": chat.waiting + feed.waiting,
+        "waiting": sum(s.waiting for s in streams.values()),
         "streams": {name: {"last_id": s.last_id, "kept": len(s.items), "waiting": s.waiting}
-                    for name, s in (("chat", chat), ("feed", feed))},
+                    for name, s in streams.items()},
         "feeds": [f.status() for f in feeds],
         "storage": store.status(),
     }
@@ -775,28 +769,23 @@ def open_files_limit():
 
 
 def main(argv=None):
-    global settings, store, posting
+    global settings, store, posting, streams
     settings = parse_args(argv)
     try:
         # No SO_REUSEPORT: a second copy on a taken port must fail, not share it.
         sock = eventlet.listen((settings.host, settings.port), backlog=4096, reuse_port=False)
     except OSError as e:
         sys.exit(f"longpoll: cannot listen on {settings.host}:{settings.port}: {e.strerror}")
-    if settings.redis:
-        try:
-            store = posting = sharing.RedisStore(settings.redis, settings.history)
-        except storage.StoreError as e:
-            sys.exit(f"longpoll: --redis {settings.redis}: {e}")
-    else:
-        try:
-            store = storage.Store(settings.db, settings.history)
-        except storage.StoreError as e:
-            sys.exit(f"longpoll: --db {settings.db}: {e}")
-    for stream in (chat, feed):
-        stream.load(store)
-    if store.shared:
-        # This process learns of every item, its own included, from Redis.
-        eventlet.spawn(store.follow, {stream.key: stream for stream in (chat, feed)})
+    try:
+        if settings.redis:
+            store = sharing.RedisStore(settings.redis, settings.history)
+            posting = sharing.RedisBuckets(store)
+        else:
+            store, posting = storage.Store(settings.db, settings.history), TokenBucket()
+        streams = open_streams(store, settings.history)
+    except storage.StoreError as e:
+        where = f"--redis {settings.redis}" if settings.redis else f"--db {settings.db}"
+        sys.exit(f"longpoll: {where}: {e}")
     # eventlet serves at most 1024 connections by default, idle keep-alives
     # included, and its accept loop dies if it runs out of descriptors: size the
     # pool from the open-files limit, below it.
@@ -828,8 +817,8 @@ def main(argv=None):
     signal.signal(signal.SIGINT, signal.SIG_DFL)    # a second Ctrl-C leaves at once
     # Answer every parked poll at once so browsers come back (to the next
     # server) promptly; then let the server finish what it is writing.
-    chat.close()
-    feed.close()
+    for stream in streams.values():
+        stream.close()
     server.kill(SystemExit)
     with eventlet.Timeout(3, False):
         server.wait()

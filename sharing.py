@@ -7,12 +7,14 @@ process of every item, whichever process published it.
   (`N-0`). A Lua script gives the next ids and appends them in one atomic step,
   so every process agrees on them.
 - follow() is one green thread per process: XREAD BLOCK from the last id it has
-  seen, then Stream.add() into the in-memory stream, whose Event wakes the polls
-  parked in this process. XREAD resumes from an id, so a dropped connection
-  loses nothing.
+  seen, then deliver() -- Stream.add() of the in-memory stream, whose Event
+  wakes the polls parked in this process, exactly as storage.Store delivers
+  after its commit. XREAD resumes from an id, so a dropped connection loses
+  nothing.
 - What a single process keeps in memory or SQLite lives here instead: the
-  client_ids already posted, the flood-control buckets, each feed's state, and
-  a lease per feed so one process checks it per interval.
+  client_ids already posted, each feed's state, and a lease per feed so one
+  process checks it per interval. RedisBuckets is the flood control of every
+  process.
 
 eventlet.monkey_patch() must have run before this module is imported, so that
 redis-py's sockets are green.
@@ -27,10 +29,9 @@ import redis
 import redis.backoff
 import redis.retry
 
-from storage import StoreError
+from storage import CLIENT_IDS_KEPT, StoreError
 
 PREFIX = "longpoll:"
-CLIENT_IDS_KEPT = 3600          # seconds a posted client_id is remembered; a retry comes within minutes
 
 # The ids of a stream come from its counter. A missing counter (Redis wiped) or
 # one below an id this process has seen (Redis restored from an older copy)
@@ -72,7 +73,26 @@ return {first}
 # of its counter (see COUNTER), and how many entries it keeps.
 TOP = COUNTER + "return {n, redis.call('XLEN', KEYS[2])}"
 
-# A token bucket per client address, as TokenBucket in longpoll.py, on Redis's clock.
+# KEYS: counter; ARGV: a cursor above what this process has seen. Up to the
+# counter it was issued (the reader will bring what follows): returned as it
+# is. Above the counter but not above the clock, it was issued before Redis
+# was restored from an older copy: the counter moves on to the clock, so no new
+# id is one that browser already saw, and the new counter is returned (a gap).
+# Above the clock no counter ever reached it: -1.
+ISSUED = """
+local n = tonumber(redis.call('GET', KEYS[1])) or 0
+local cursor = tonumber(ARGV[1])
+if cursor <= n then return cursor end
+local t = redis.call('TIME')
+local now = t[1] * 1000000 + t[2]
+if cursor > now then return -1 end
+redis.call('SET', KEYS[1], string.format('%d', now))
+return now
+"""
+
+# The token bucket of TokenBucket in longpoll.py, written again in Lua because
+# several processes must read and update one address's bucket in one step,
+# which on Redis only a script does; on Redis's clock, shared by all.
 # KEYS: bucket; ARGV: rate, burst. Returns seconds to wait as a string (0: posted).
 TAKE = """
 local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
@@ -88,13 +108,17 @@ return '0'
 
 
 class RedisStore:
-    """The Store of a process that shares its streams with others through Redis."""
+    """The store of a process that shares its streams with others through Redis:
+    storage.Store's interface, with the ids given by Redis."""
 
     shared = True       # ids come from Redis, and follow() brings every item into memory
 
     def __init__(self, url, history):
         self.url, self.history = url, history
         self.error = "not connected yet"
+        self.seen = {}              # stream -> the last id the reader delivered
+        self.position = {}          # stream -> the entry XREAD goes on after (None: not read yet)
+        self.deliver = None         # set by open_streams(): where each item read goes
         # No retries: a write whose answer was lost may have happened, and doing
         # it again would publish twice. The caller answers 503 and the client retries.
         options = dict(decode_responses=True, socket_connect_timeout=2,
@@ -107,7 +131,7 @@ class RedisStore:
             raise StoreError(str(e)) from None
         self.append_script = self.redis.register_script(APPEND)
         self.top_script = self.redis.register_script(TOP)
-        self.take_script = self.redis.register_script(TAKE)
+        self.issued_script = self.redis.register_script(ISSUED)
 
     def call(self, method, *args, **kw):
         """A Redis command; a Redis that cannot be reached is a StoreError."""
@@ -117,26 +141,44 @@ class RedisStore:
             self.error = f"Redis: {e}"
             raise StoreError(self.error) from None
 
-    def append(self, stream, batch, seen, client_id=None, feed=None):
-        """Give the batch its ids and append it, with what goes with it (as Store.write);
-        return the items. A client_id already posted returns its message instead."""
+    def load(self, stream):
+        """(the newest kept items, the last id), at start; the reader goes on from there.
+        If Redis cannot be reached yet, nothing: the reader brings the history when it is."""
+        self.position[stream] = None
+        try:
+            top, _ = self.call(self.top_script, [PREFIX + stream + ":last", PREFIX + stream], [0])
+            entries = self.call(self.redis.xrevrange, PREFIX + stream, f"{top}-0", "-", count=self.history)
+        except StoreError:
+            return [], 0
+        self.seen[stream], self.position[stream] = top, f"{top}-0"
+        return list(items(entries[::-1])), top
+
+    def append(self, stream, batch, client_id=None, feed=None):
+        """As storage.Store.append, but Redis gives the ids, and the reader delivers
+        them to this process as it does every other process's. The client_id is
+        checked in the same script that appends, so of two copies racing to two
+        processes one posts and the other is the repeat."""
         keys = [PREFIX + stream + ":last", PREFIX + stream,
                 PREFIX + "client:" + client_id if client_id else "",
                 PREFIX + "feed:" + feed[0] if feed else ""]
         fields = [json.dumps(f) for f in batch]
-        reply = self.call(self.append_script, keys, [seen, self.history, json.dumps(feed and feed[1])] + fields)
+        reply = self.call(self.append_script, keys,
+                          [self.seen.get(stream, 0), self.history, json.dumps(feed and feed[1])] + fields)
         if reply[0] == 0:
-            return [{"id": reply[1], **json.loads(reply[2])}]
-        return [{"id": reply[0] + n, **f} for n, f in enumerate(batch)]
+            return [{"id": reply[1], **json.loads(reply[2])}], False
+        return [{"id": reply[0] + n, **f} for n, f in enumerate(batch)], True
+
+    def issued(self, stream, cursor):
+        """For a cursor above what this process has seen: the cursor itself if another
+        process issued it (wait for what follows), a new id past it if Redis forgot
+        it, or None if no counter ever reached it (see ISSUED)."""
+        top = self.call(self.issued_script, [PREFIX + stream + ":last"], [cursor])
+        return None if top < 0 else top
 
     def posted(self, client_id):
         """The message first posted with this client_id, or None."""
         original = self.call(self.redis.hgetall, PREFIX + "client:" + client_id)
         return original and {"id": int(original["id"]), **json.loads(original["fields"])}
-
-    def take(self, address, rate, burst):
-        """TokenBucket.take, for every process at once."""
-        return float(self.call(self.take_script, [PREFIX + "bucket:" + address], [rate, burst]))
 
     def feed_state(self, url):
         return json.loads(self.call(self.redis.get, PREFIX + "feed:" + url) or "null")
@@ -155,27 +197,39 @@ class RedisStore:
         """Keep the feed's lease `seconds` more, telling the other processes how the check went."""
         self.call(self.redis.set, PREFIX + "lease:" + url, json.dumps(report), px=max(1, int(seconds * 1000)))
 
+    def start(self):
+        """Start the reader: this process learns of every item, its own included, from Redis."""
+        eventlet.spawn(self.follow, list(self.position))
+
     def follow(self, streams):
-        """Bring every item appended by any process into `streams` (Stream objects by
-        key), for ever: the one green thread per process that reads Redis."""
+        """Deliver every item appended by any process to the streams (by key), for
+        ever: the one green thread per process that reads Redis."""
         backoff = 0.1
         while True:
             try:
-                for s in streams.values():
-                    top, kept = self.call(self.top_script, [PREFIX + s.key + ":last", PREFIX + s.key],
-                                          [s.last_id], client=self.reader)
-                    if not s.last_id:
+                for key in streams:
+                    top, kept = self.call(self.top_script, [PREFIX + key + ":last", PREFIX + key],
+                                          [self.seen.get(key, 0)], client=self.reader)
+                    if self.position[key] is None:
                         # First contact: as if seen up to just before what Redis keeps,
                         # so that the XREAD below brings the history.
-                        s.last_id = top - kept
+                        self.seen[key] = top - kept
+                        self.position[key] = f"{top - kept}-0"
                 self.connected()
                 while True:
                     # Up to 5 s, so a silent Redis is noticed by the socket timeout.
-                    reply = self.call(self.reader.xread, {PREFIX + s.key: f"{s.last_id}-0" for s in streams.values()},
+                    reply = self.call(self.reader.xread, {PREFIX + key: self.position[key] for key in streams},
                                       count=1000, block=5000)
                     self.connected()
                     for name, entries in reply or ():
-                        streams[name[len(PREFIX):]].add(list(items(entries)))
+                        key = name[len(PREFIX):]
+                        # Past every entry read, usable or not: an entry this app
+                        # did not write is read once, never again and again.
+                        self.position[key] = entries[-1][0]
+                        batch = list(items(entries))
+                        if batch:
+                            self.seen[key] = batch[-1]["id"]
+                            self.deliver(key, batch)
                     backoff = 0.1
             except StoreError:
                 if backoff == 0.1:
@@ -204,11 +258,26 @@ class RedisStore:
         self.reader.close()
 
 
+class RedisBuckets:
+    """Flood control for every process at once: TokenBucket's take() on Redis (see TAKE)."""
+
+    def __init__(self, store):
+        self.store = store
+        self.take_script = store.redis.register_script(TAKE)
+
+    def take(self, address, rate, burst):
+        return float(self.store.call(self.take_script, [PREFIX + "bucket:" + address], [rate, burst]))
+
+
 def items(entries):
     """The items of XREAD's entries. One this app did not write is skipped, not
     fatal: the reader must go on, and the hole in the ids reports a gap."""
     for entry_id, fields in entries:
         try:
-            yield {"id": int(entry_id.split("-")[0]), **json.loads(fields["item"])}
+            item = json.loads(fields["item"])
+            if not isinstance(item, dict):
+                raise TypeError("not an object")
+            item.pop("id", None)        # the entry's id is the item's, whatever its fields say
+            yield {"id": int(entry_id.removesuffix("-0")), **item}
         except (KeyError, TypeError, ValueError):
             print(f"longpoll: skipped Redis entry {entry_id}: not an item of this app", file=sys.stderr, flush=True)

@@ -1,26 +1,48 @@
 """What longpoll keeps across a restart, in one embedded SQLite file.
 
-The streams live in memory, where Stream.wait() reads them. Every publish is
-written here first, in one transaction with what goes with it -- a chat
-message's client_id, a feed's dedupe memory and validators -- and main() loads
-the newest items back at start, so ids continue where they stopped. All the SQL
-of the app is in this file.
+The streams live in memory, where Stream.wait() reads them. This store gives
+each published item its id and writes it first, in one transaction with what
+goes with it -- a chat message's client_id, a feed's dedupe memory and
+validators -- and only then hands it to the stream (deliver), so nothing a
+browser was shown or a POST was acknowledged for is lost to a crash. Each
+stream's last id is kept too, so a restart continues the ids even of a stream
+nobody has published to. All the SQL of the app is in this file.
+
+sharing.RedisStore is the same interface on Redis, for several processes.
 """
 
 import json
 import sqlite3
+import time
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # MIGRATIONS[v] takes a database from schema version v to v + 1; a new file is version 0.
 MIGRATIONS = [
     [
         "CREATE TABLE items (stream TEXT NOT NULL, id INTEGER NOT NULL, item TEXT NOT NULL,"
         " PRIMARY KEY (stream, id)) WITHOUT ROWID",
-        # Oldest first by rowid, so the oldest are the ones forgotten.
         "CREATE TABLE client_ids (client_id TEXT PRIMARY KEY, item TEXT NOT NULL)",
         "CREATE TABLE feeds (url TEXT PRIMARY KEY, state TEXT NOT NULL)",
     ],
+    [
+        # A stream's last id, kept even when it has no items left (or never had one).
+        "CREATE TABLE streams (stream TEXT PRIMARY KEY, last_id INTEGER NOT NULL)",
+        "INSERT INTO streams SELECT stream, max(id) FROM items GROUP BY stream",
+        # client_ids are remembered for a time, not a count: a flood of posts
+        # must not push out the one a retry is about to ask for.
+        "ALTER TABLE client_ids ADD COLUMN time REAL NOT NULL DEFAULT 0",
+        "UPDATE client_ids SET time = CAST(strftime('%s', 'now') AS REAL)",
+        "CREATE INDEX client_ids_by_time ON client_ids (time)",
+    ],
 ]
+CLIENT_IDS_KEPT = 3600      # seconds a posted client_id is remembered; a retry comes within minutes
+
+
+def clock_id():
+    """The first id of a new stream: the clock in microseconds, so that even after
+    its database is deleted the new ids are above every old cursor, and a returning
+    browser is told of a gap instead of silently skipping what it missed."""
+    return time.time_ns() // 1000
 
 
 class StoreError(Exception):
@@ -28,13 +50,19 @@ class StoreError(Exception):
 
 
 class Store:
-    """One SQLite file, owned by this process for as long as it runs."""
+    """One SQLite file, owned by this process for as long as it runs.
+
+    The interface every store has (sharing.RedisStore too): load() a stream at
+    start, append() a batch -- ids given, kept, then delivered -- and issued(),
+    whether a cursor above what this process has seen was ever given out."""
 
     shared = False      # this process gives every id itself (see sharing.RedisStore)
 
     def __init__(self, path, history):
         self.path, self.history = path, history
         self.error = None           # why the last write failed, while it is failing
+        self.last_ids = {}          # stream -> its last id; this process alone gives ids
+        self.deliver = None         # set by open_streams(): where each stored batch goes
         try:
             self.db = sqlite3.connect(path, isolation_level=None, timeout=0)
             # Exclusive locking: the first transaction's lock is kept until the
@@ -63,42 +91,58 @@ class Store:
         for steps in MIGRATIONS[version:]:
             for statement in steps:
                 self.db.execute(statement)
-        self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        if version < SCHEMA_VERSION:
+            self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
-    def items(self, stream):
-        """The newest kept items of a stream, oldest first."""
+    def load(self, stream):
+        """(the newest kept items of a stream, oldest first; its last id), at start."""
+        row = self.db.execute("SELECT last_id FROM streams WHERE stream = ?", (stream,)).fetchone()
+        if row is None:
+            row = (clock_id() - 1,)
+            self.transaction(lambda: self.db.execute("INSERT INTO streams VALUES (?, ?)", (stream, row[0])))
+        self.last_ids[stream] = row[0]
         rows = self.db.execute(
             "SELECT item FROM (SELECT id, item FROM items WHERE stream = ? ORDER BY id DESC LIMIT ?)"
             " ORDER BY id", (stream, self.history))
-        return [json.loads(item) for item, in rows]
+        return [json.loads(item) for item, in rows], row[0]
 
-    def posted(self, client_id):
-        """The message first posted with this client_id, or None."""
-        row = self.db.execute("SELECT item FROM client_ids WHERE client_id = ?", (client_id,)).fetchone()
-        return row and json.loads(row[0])
+    def append(self, stream, batch, client_id=None, feed=None):
+        """Give each item (a dict of fields) the next id and store it, with the
+        client_id it was posted with or the (url, state) of the feed it came from,
+        all in one transaction; then deliver it. Return (items, True), or
+        ([the original], False) for a client_id already posted. StoreError if
+        it cannot be written: then nothing is published."""
+        original = client_id and self.posted(client_id)
+        if original:
+            return [original], False
+        last = self.last_ids[stream]
+        items = [{"id": last + n, **fields} for n, fields in enumerate(batch, 1)]
 
-    def feed_state(self, url):
-        row = self.db.execute("SELECT state FROM feeds WHERE url = ?", (url,)).fetchone()
-        return row and json.loads(row[0])
-
-    def write(self, stream, items, client_id=None, feed=None):
-        """Store new items, with the client_id they were posted with or the (url, state)
-        of the feed they came from, all in one transaction; raise StoreError if not."""
-        try:
-            self.db.execute("BEGIN IMMEDIATE")
+        def write():
             self.db.executemany("INSERT INTO items VALUES (?, ?, ?)",
                                 [(stream, item["id"], json.dumps(item)) for item in items])
             if items:
                 self.db.execute("DELETE FROM items WHERE stream = ? AND id <= ?",
                                 (stream, items[-1]["id"] - self.history))
+                self.db.execute("UPDATE streams SET last_id = ? WHERE stream = ?", (items[-1]["id"], stream))
             if client_id:
-                self.db.execute("INSERT INTO client_ids VALUES (?, ?)", (client_id, json.dumps(items[0])))
-                # A retry comes within minutes; ten histories' worth is plenty.
-                self.db.execute("DELETE FROM client_ids WHERE rowid <= (SELECT max(rowid) FROM client_ids) - ?",
-                                (10 * self.history,))
+                now = time.time()
+                self.db.execute("DELETE FROM client_ids WHERE time < ?", (now - CLIENT_IDS_KEPT,))
+                self.db.execute("INSERT OR REPLACE INTO client_ids VALUES (?, ?, ?)",
+                                (client_id, json.dumps(items[0]), now))
             if feed:
                 url, state = feed
                 self.db.execute("INSERT OR REPLACE INTO feeds VALUES (?, ?)", (url, json.dumps(state)))
+        self.transaction(write)
+        if items:
+            self.last_ids[stream] = items[-1]["id"]
+        self.deliver(stream, items)
+        return items, True
+
+    def transaction(self, write):
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            write()
             self.db.execute("COMMIT")
             self.error = None
         except sqlite3.Error as e:
@@ -106,6 +150,24 @@ class Store:
                 self.db.execute("ROLLBACK")
             self.error = explain(e)
             raise StoreError(self.error) from None
+
+    def issued(self, stream, cursor):
+        """For a cursor above the stream's last id: the id to go on from, or None if
+        it was never given out. Here it never was: this process gives every id."""
+        return None
+
+    def posted(self, client_id):
+        """The message first posted with this client_id within CLIENT_IDS_KEPT, or None."""
+        row = self.db.execute("SELECT item FROM client_ids WHERE client_id = ? AND time >= ?",
+                              (client_id, time.time() - CLIENT_IDS_KEPT)).fetchone()
+        return row and json.loads(row[0])
+
+    def feed_state(self, url):
+        row = self.db.execute("SELECT state FROM feeds WHERE url = ?", (url,)).fetchone()
+        return row and json.loads(row[0])
+
+    def start(self):
+        """Nothing to follow: every item here was published by this process."""
 
     def lease(self, url, seconds):
         """A feed's lease (see sharing.RedisStore): one process always holds it."""

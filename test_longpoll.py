@@ -59,8 +59,15 @@ def spawn_poll(srv, path, **kw):
 # -- The stream mechanism (in-process) ----------------------------------------
 
 
+def memory_stream(history):
+    """A Stream on its own in-memory store, whose ids start at 1."""
+    store = storage.Store(":memory:", history)
+    store.db.execute("INSERT INTO streams VALUES ('messages', 0)")
+    return longpoll.open_streams(store, history)["chat"]
+
+
 def test_publish_wakes_every_waiter():
-    stream = longpoll.Stream("messages", 10, first_id=1)
+    stream = memory_stream(10)
     waiters = [eventlet.spawn(stream.wait, 0, 5) for _ in range(3)]
     eventlet.sleep(0)
     assert stream.waiting == 3
@@ -73,7 +80,7 @@ def test_publish_wakes_every_waiter():
 
 def test_each_publish_wakes_its_own_waiters():
     # An eventlet Event fires once; the second publish must wake the second round.
-    stream = longpoll.Stream("messages", 10, first_id=1)
+    stream = memory_stream(10)
     for n in (1, 2, 3):
         waiter = eventlet.spawn(stream.wait, n - 1, 5)
         eventlet.sleep(0)
@@ -82,7 +89,7 @@ def test_each_publish_wakes_its_own_waiters():
 
 
 def test_publish_between_look_and_wait_is_not_lost(monkeypatch):
-    stream = longpoll.Stream("messages", 10, first_id=1)
+    stream = memory_stream(10)
     look = stream.since
 
     def look_then_someone_posts(cursor):
@@ -101,7 +108,7 @@ def test_a_yield_between_look_and_wait_is_why_the_event_is_taken_first(monkeypat
     # so under cooperative scheduling the window is closed anyway; a look that
     # yields (I/O, a lock, a log write to a pipe) opens it. Take the Event after
     # the look and this test waits out the whole poll.
-    stream = longpoll.Stream("messages", 10, first_id=1)
+    stream = memory_stream(10)
     look = stream.since
 
     def look_that_yields(cursor):
@@ -116,7 +123,7 @@ def test_a_yield_between_look_and_wait_is_why_the_event_is_taken_first(monkeypat
 
 
 def test_publish_wakes_nobody_before_the_hubs_next_turn():
-    stream = longpoll.Stream("messages", 10, first_id=1)
+    stream = memory_stream(10)
     waiter = eventlet.spawn(stream.wait, 0, 5)
     eventlet.sleep(0)
     sent = stream.event
@@ -130,14 +137,14 @@ def test_publish_wakes_nobody_before_the_hubs_next_turn():
 
 
 def test_wait_times_out_empty_at_the_same_cursor():
-    stream = longpoll.Stream("messages", 10, first_id=1)
+    stream = memory_stream(10)
     stream.publish({"body": "old"})
     assert stream.wait(1, timeout=0.05) == ([], 1, False)
     assert stream.waiting == 0
 
 
 def test_history_is_bounded_and_a_stale_cursor_reports_a_gap():
-    stream = longpoll.Stream("messages", 3, first_id=1)
+    stream = memory_stream(3)
     for n in range(1, 8):
         stream.publish({"n": n})
     assert [i["id"] for i in stream.items] == [5, 6, 7]
@@ -149,19 +156,36 @@ def test_history_is_bounded_and_a_stale_cursor_reports_a_gap():
 
 
 def test_cursor_from_before_a_restart_gets_history_at_once():
-    stream = longpoll.Stream("messages", 10, first_id=1)
+    stream = memory_stream(10)
     stream.publish({"body": "a"})
     items, cursor, gap = stream.wait(500, timeout=5)
     assert [i["id"] for i in items] == [1] and cursor == 1 and not gap
 
 
 def test_close_answers_parked_and_later_polls_at_once():
-    stream = longpoll.Stream("messages", 10, first_id=1)
+    stream = memory_stream(10)
     waiter = eventlet.spawn(stream.wait, 0, 30)
     eventlet.sleep(0)
     stream.close()
     assert waiter.wait() == ([], 0, False)
     assert stream.wait(0, 30) == ([], 0, False)
+
+
+def test_a_cursor_the_store_issued_elsewhere_waits_for_what_follows():
+    stream = memory_stream(10)
+    stream.store.issued = lambda key, cursor: cursor    # as Redis says of an id another process gave
+    waiter = eventlet.spawn(stream.wait, 5, 5)
+    eventlet.sleep(0)
+    assert stream.waiting == 1                          # not taken for a cursor nobody issued
+    stream.store.deliver("messages", [{"id": 6, "body": "from elsewhere"}])
+    assert waiter.wait() == ([{"id": 6, "body": "from elsewhere"}], 6, False)
+
+
+def test_a_cursor_the_store_had_lost_is_told_of_the_gap_at_once():
+    stream = memory_stream(10)
+    stream.store.issued = lambda key, cursor: cursor + 1000     # as a restored Redis moving on past it
+    with eventlet.Timeout(1):
+        assert stream.wait(5, timeout=30) == ([], 1005, True)
 
 
 @hypothesis_settings(max_examples=150, deadline=None)
@@ -172,7 +196,7 @@ def test_close_answers_parked_and_later_polls_at_once():
            st.tuples(st.just("wait"), st.integers(0, 2)),
            st.tuples(st.just("jump"), st.integers(0, 2), st.integers(0, 40))), max_size=40))
 def test_every_client_sees_every_item_once_in_order_unless_told_of_a_gap(history, ops):
-    stream = longpoll.Stream("messages", history, first_id=1)
+    stream = memory_stream(history)
     cursors = [0, 0, 0]
     seen = [[], [], []]
     waiters = []
@@ -409,6 +433,22 @@ def test_unknown_path_is_404_json_or_a_page(server):
     assert page.status == 404 and b"<h1>" in page.body
 
 
+def test_every_error_answer_is_no_store(start):
+    srv = start("--post-burst", "1", "--post-rate", "0.01")
+    assert srv.post({"body": "the one allowed"}).status == 201
+    answers = [srv.get("/chat/updates?cursor=x"), srv.get("/nope"), srv.request("DELETE", "/"),
+               srv.post("x" * (65 * 1024), headers={"Content-Type": "application/json"}),
+               srv.post("{}", headers={"Content-Type": "text/plain"}),
+               srv.post({"body": "over the limit"}),
+               srv.get("/nope", headers={"Accept": "text/html"})]
+    assert [r.status for r in answers] == [400, 404, 405, 413, 415, 429, 404]
+    for r in answers:
+        assert r.headers["Cache-Control"] == "no-store", r.status
+    down = start("--redis", f"redis://127.0.0.1:{free_port()}/0")       # nothing listens there
+    unstored = down.post({"body": "nowhere to keep it"})
+    assert unstored.status == 503 and unstored.headers["Cache-Control"] == "no-store"
+
+
 def test_more_than_1024_parked_polls_and_the_post_still_gets_in(start):
     srv = start("--poll-timeout", "30")
     n = 1100
@@ -470,8 +510,8 @@ def test_start_is_quiet_and_help_documents_every_flag(start):
     assert err == []
     help_text = subprocess.run([sys.executable, "longpoll.py", "--help"], cwd=HERE,
                                capture_output=True, text=True).stdout
-    # Every flag in the README's table, and only those, has its --help text.
-    documented = re.findall(r"(?m)^\| `(--[a-z-]+)", (HERE / "README.md").read_text(encoding="utf-8"))
+    # Every flag in the flags table of docs/running.md, and only those, has its --help text.
+    documented = re.findall(r"(?m)^\| `(--[a-z-]+)", (HERE / "docs" / "running.md").read_text(encoding="utf-8"))
     assert len(documented) >= 15
     for flag in documented:
         assert re.search(re.escape(flag) + r"\b[^\n]*\n?\s+\S", help_text), flag
@@ -492,9 +532,11 @@ def test_bad_flags_are_refused_clearly():
 
 @pytest.fixture
 def feeds(monkeypatch):
-    monkeypatch.setattr(longpoll.settings, "feed_interval", 60.0)
-    monkeypatch.setattr(longpoll.settings, "fetch_timeout", 2.0)
-    monkeypatch.setattr(longpoll, "feed", longpoll.Stream("entries", 100_000, first_id=1))  # this test's own
+    monkeypatch.setattr(longpoll, "settings", longpoll.parse_args(
+        ["--feed-interval", "60", "--fetch-timeout", "2", "--history", "100000"]))
+    store = storage.Store(":memory:", 100_000)          # this test's own streams
+    monkeypatch.setattr(longpoll, "store", store)
+    monkeypatch.setattr(longpoll, "streams", longpoll.open_streams(store, 100_000))
     srv = FeedServer()
     yield srv
     srv.close()
@@ -503,9 +545,9 @@ def feeds(monkeypatch):
 def published_by(feed_check):
     """Run a Feed.check(); return (its delay, the entries it published), read from
     what the feed stream holds, not through since()."""
-    before = len(longpoll.feed.items)
+    before = len(longpoll.streams["feed"].items)
     delay = feed_check()
-    return delay, list(longpoll.feed.items)[before:]
+    return delay, list(longpoll.streams["feed"].items)[before:]
 
 
 def test_atom_entries_become_plain_text_json(feeds):
@@ -1038,6 +1080,34 @@ def test_a_deleted_database_gives_old_cursors_a_gap(start, tmp_path):
     assert answer["gap"] is True and answer["cursor"] > first["id"]
 
 
+def test_a_restart_with_nothing_posted_continues_the_ids_and_reports_no_gap(start, tmp_path):
+    flags = ("--db", str(tmp_path / "empty.db"), "--poll-timeout", "0.5")
+    srv = start(*flags)
+    cursors = {name: srv.cursor(name) for name in ("chat", "feed")}
+    srv = restart(srv, start, *flags)
+    for name, key in (("chat", "messages"), ("feed", "entries")):
+        assert srv.cursor(name) == cursors[name]
+        # A browser coming back with its cursor waits for news; it is not told it missed any.
+        assert srv.get(f"/{name}/updates?cursor={cursors[name]}").json() == {key: [], "cursor": cursors[name]}
+    posted = srv.post({"body": "first"}).json()
+    assert posted["id"] == cursors["chat"] + 1
+
+
+def test_client_ids_are_remembered_for_an_hour_whatever_the_posts_between(monkeypatch):
+    now = [1_000_000.0]
+    monkeypatch.setattr(storage.time, "time", lambda: now[0])
+    stream = memory_stream(5)
+    first, new = stream.publish({"body": "once"}, client_id="kept")
+    assert new
+    for n in range(2001):                               # a flood, far past any count kept
+        stream.publish({"body": f"flood {n}"}, client_id=f"other-{n}")
+    now[0] += storage.CLIENT_IDS_KEPT - 1
+    assert stream.publish({"body": "once"}, client_id="kept") == (first, False)
+    now[0] += 2                                         # an hour after it was posted: forgotten
+    items, new = stream.publish({"body": "once"}, client_id="kept")
+    assert new and items[0]["id"] == stream.last_id
+
+
 def test_a_retried_client_id_gets_its_original_after_a_restart(start, tmp_path):
     flags = ("--db", str(tmp_path / "chat.db"))
     srv = start(*flags)
@@ -1164,16 +1234,16 @@ def test_a_failing_write_answers_503_and_publishes_nothing(start, tmp_path):
 
 def test_feed_entries_that_could_not_be_stored_are_retried(feeds, tmp_path, monkeypatch):
     store = storage.Store(str(tmp_path / "feeds.db"), 200)
-    monkeypatch.setattr(longpoll.feed, "store", store)
+    monkeypatch.setattr(longpoll, "streams", longpoll.open_streams(store, 200))
     f = longpoll.Feed(feeds.feed("/f.xml", atom(numbered(1, 3)), etag='"v1"'))
-    real_write = store.write
+    real_write = store.transaction
 
     def full_disk(*args, **kw):
         raise storage.StoreError("cannot write: database or disk is full (is the disk full?)")
-    monkeypatch.setattr(store, "write", full_disk)
+    monkeypatch.setattr(store, "transaction", full_disk)
     assert published_by(f.check)[1] == []
     assert f.ok is False and f.error.startswith("cannot store entries") and f.etag is None
-    monkeypatch.setattr(store, "write", real_write)
+    monkeypatch.setattr(store, "transaction", real_write)
     _, entries = published_by(f.check)
     assert "If-None-Match" not in feeds.requests[-1]                         # fetched in full again
     assert [e["title"] for e in entries] == ["Entry 1", "Entry 2", "Entry 3"]
@@ -1289,13 +1359,11 @@ def test_a_cursor_from_one_process_gets_exactly_the_rest_from_another(cluster):
     a, b = cluster(2, "--poll-timeout", "2")
     sent = [a.post({"body": f"m{n}"}).json() for n in range(5)]
     assert follow(b, sent[1]["id"], sent[-1]["id"]) == sent[2:]
-    # A cursor b has not reached (its reader is behind, or the id is not given
-    # yet) waits for what follows; it does not start over with the history.
-    ahead = spawn_poll(b, f"/chat/updates?cursor={sent[-1]['id'] + 1}")
+    # The id b has, from a poll that a answered: it waits for what follows.
+    waiting = spawn_poll(b, f"/chat/updates?cursor={sent[-1]['id']}")
     b.wait_for(lambda s: s["streams"]["chat"]["waiting"] == 1)
-    later = [a.post({"body": f"later{n}"}).json() for n in range(2)]
-    body = ahead.wait().json()
-    assert body["messages"] + follow(b, body["cursor"], later[-1]["id"]) == later[1:]
+    later = a.post({"body": "later"}).json()
+    assert waiting.wait().json() == {"messages": [later], "cursor": later["id"]}
 
 
 def test_sigkill_of_one_process_loses_no_acknowledged_post_and_clients_carry_on(cluster):
@@ -1469,9 +1537,29 @@ def test_a_client_id_sent_to_two_processes_at_once_posts_once(cluster):
     start_cursor = a.cursor()
     for n in range(100):
         twins = [eventlet.spawn(srv.post, {"body": f"twin {n}", "client_id": f"twin-{n}"}) for srv in (a, b)]
-        first, second = (t.wait().json() for t in twins)
-        assert first == second
+        first, second = (t.wait() for t in twins)
+        assert first.json() == second.json()
+        assert sorted([first.status, second.status]) == [200, 201]      # one posted, one the repeat
     assert [m["body"] for m in follow(a, start_cursor, a.cursor())] == [f"twin {n}" for n in range(100)]
+
+
+def test_a_redis_restored_from_an_older_copy_tells_newer_cursors_of_the_gap(cluster, redis_server, start):
+    a, = cluster(1)
+    kept = [a.post({"body": f"kept {n}"}).json() for n in range(3)]
+    lost = [a.post({"body": f"lost {n}"}).json() for n in range(3)]
+    seen = lost[-1]["id"]                               # a browser saw every post
+    assert "Traceback" not in a.stop()
+    # Redis as an older copy had it: the counter and the stream as before the lost posts.
+    redis_server.cli("SET", "longpoll:messages:last", str(kept[-1]["id"]))
+    redis_server.cli("XDEL", "longpoll:messages", *(f"{m['id']}-0" for m in lost))
+    assert redis_server.cli("XLEN", "longpoll:messages") == "3"
+    b, = cluster(1, "--poll-timeout", "30")
+    with eventlet.Timeout(5):                           # at once, not parked for ever
+        answer = b.get(f"/chat/updates?cursor={seen}").json()
+    assert answer["messages"] == [] and answer["gap"] is True and answer["cursor"] > seen
+    new = b.post({"body": "after the restore"}).json()
+    assert new["id"] > seen                             # never an id that browser already saw
+    assert b.get(f"/chat/updates?cursor={answer['cursor']}").json() == {"messages": [new], "cursor": new["id"]}
 
 
 def test_a_bad_redis_url_is_refused_clearly():
