@@ -6,7 +6,7 @@ It starts longpoll.py as a separate process on a free port and drives it from
 this process over loopback: one epoll loop holds every client connection, so
 the load generator stays cheap next to the server. Standard library only.
 
-    python bench.py                       # the full run, as in the README
+    python bench.py                       # the full run, as in docs/performance.md
     python bench.py --clients 1000 --rounds 2 --skip-feeds   # a quick look
     python bench.py --json bench.json     # also write the figures as JSON
     python bench.py --compare             # green threads vs OS threads vs Tornado, parked clients

@@ -485,14 +485,14 @@ def fits(page, selector):
 
 
 def readme_nginx_block(upstream=False):
-    """The README's nginx block for one process, or with `upstream` the one for several."""
-    blocks = re.findall(r"```nginx\n(.*?)```", (HERE / "README.md").read_text(encoding="utf-8"), re.S)
+    """docs/running.md's nginx block for one process, or with `upstream` the one for several."""
+    blocks = re.findall(r"```nginx\n(.*?)```", (HERE / "docs" / "running.md").read_text(encoding="utf-8"), re.S)
     return next(b for b in blocks if ("upstream " in b) == upstream)
 
 
 @pytest.fixture
 def nginx(tmp_path):
-    """Start Debian's nginx with the README's own configuration; return a function
+    """Start Debian's nginx with docs/running.md's own configuration; return a function
     that takes the app's port (or its processes' ports) and gives the proxy's."""
     binary = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
     if not binary:
