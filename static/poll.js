@@ -26,6 +26,7 @@ function longPoll(url, key, onBatch) {
   let inFlight = null;          // aborts this tab's poll in flight
   let heard = Date.now();       // when the server or the leader last spoke to this tab
   let catchingUp = false;
+  let toldWhileLoading = null;  // the newest cursor a leader passed on before our history came
   const channel = typeof BroadcastChannel === "function" ? new BroadcastChannel("longpoll " + url) : null;
   const state = document.getElementById("state");
 
@@ -85,7 +86,10 @@ function longPoll(url, key, onBatch) {
   // missed one (we were still loading when it came): one request catches up.
   function fromLeader(batch) {
     heard = Date.now();
-    if (cursor === null) return;            // our first answer is on its way
+    if (cursor === null) {                  // our first answer is on its way; it may predate this
+      toldWhileLoading = Math.max(toldWhileLoading ?? batch.cursor, batch.cursor);
+      return;
+    }
     const fresh = batch[key].filter(item => item.id > cursor);
     const next = fresh.length ? fresh[0].id : batch.cursor + 1;
     if (next > cursor + 1 && !batch.gap) return catchUp();
@@ -169,6 +173,9 @@ function longPoll(url, key, onBatch) {
   async function start() {
     // Every tab first gets the history: with no cursor yet, the server answers at once.
     await pollWhile(() => !shown);
+    // A batch the leader passed on while our history was on its way was not
+    // shown: if it went past the history, catch up now, not at the next item.
+    if (toldWhileLoading !== null && toldWhileLoading > cursor) catchUp();
     if (navigator.locks && channel) {
       state.dataset.role = "follower";
       campaign(false);
