@@ -1022,6 +1022,23 @@ def test_token_buckets_forget_full_ones_without_a_scan(monkeypatch):
     assert list(bucket.buckets) == ["10.9.9.9"]         # and forgotten
 
 
+def test_a_bucket_is_forgotten_only_once_it_is_full_again(monkeypatch):
+    bucket, now = longpoll.TokenBucket(), [1000.0]
+    monkeypatch.setattr(longpoll.time, "monotonic", lambda: now[0])
+    assert [bucket.take("a", rate=1, burst=4) for _ in range(4)] == [0, 0, 0, 0]
+    assert bucket.take("a", rate=1, burst=4) == 1              # empty: a second to the next
+    now[0] += 2                                                 # half the refill time: two back, not four
+    assert [bucket.take("a", rate=1, burst=4) == 0 for _ in range(3)] == [True, True, False]
+
+
+def test_a_timed_out_poll_gives_its_place_back(start):
+    srv = start("--polls-per-address", "1", "--poll-timeout", "0.3")
+    cursor = srv.cursor()
+    for _ in range(3):                  # one at a time: each place is given back when its poll ends
+        assert srv.get(f"/chat/updates?cursor={cursor}").status == 200
+    assert srv.status()["waiting"] == 0
+
+
 def test_one_address_cannot_park_more_than_its_share_of_polls(start):
     srv = start("--polls-per-address", "5", "--poll-timeout", "20")
     cursor = srv.cursor()
@@ -1560,6 +1577,15 @@ def test_a_redis_restored_from_an_older_copy_tells_newer_cursors_of_the_gap(clus
     new = b.post({"body": "after the restore"}).json()
     assert new["id"] > seen                             # never an id that browser already saw
     assert b.get(f"/chat/updates?cursor={answer['cursor']}").json() == {"messages": [new], "cursor": new["id"]}
+
+
+def test_redis_keeps_the_history_bounded_and_client_ids_an_hour(cluster, redis_server):
+    a, = cluster(1, "--history", "5", "--post-burst", "100")
+    for n in range(12):
+        assert a.post({"body": f"m{n}", "client_id": f"k{n}"}).status == 201
+    assert redis_server.cli("XLEN", "longpoll:messages") == "5"            # MAXLEN --history
+    ttl = int(redis_server.cli("TTL", "longpoll:client:k0"))
+    assert storage.CLIENT_IDS_KEPT - 60 < ttl <= storage.CLIENT_IDS_KEPT == 3600
 
 
 def test_a_bad_redis_url_is_refused_clearly():
