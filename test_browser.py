@@ -56,6 +56,14 @@ def missing(reason):
     pytest.skip(reason)
 
 
+def dispatched(page, condition, timeout=5):
+    """Let Playwright dispatch its events (a route handler's, say) until condition() holds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "never happened"
+        page.wait_for_timeout(10)
+
+
 @pytest.fixture
 def new_context(browser):
     """A fresh browser context, with init scripts run in each of its pages (which
@@ -258,9 +266,7 @@ def test_a_post_whose_answer_is_lost_is_retried_with_its_client_id_and_shown_onc
     page.route("**/chat/messages", lose_first_answer)
     send(page, "only once")
     expect(page.locator("#messages .text")).to_have_text(["only once"], timeout=5000)
-    deadline = time.monotonic() + 10
-    while len(sent) < 2 and time.monotonic() < deadline:
-        page.wait_for_timeout(50)           # the retry comes after a backoff of a second or so
+    dispatched(page, lambda: len(sent) >= 2, timeout=10)   # the retry comes after a backoff of a second or so
     assert len(sent) == 2 and sent[0]["client_id"] == sent[1]["client_id"] and sent[0]["client_id"]
     expect(page.locator("#notice")).to_be_hidden()
     assert [m["body"] for m in chat_server.get("/chat/updates").json()["messages"]] == ["only once"]
@@ -734,13 +740,6 @@ def test_a_tab_that_missed_a_broadcast_while_loading_catches_up(start, tabs):
         ["already there", "sent while the new tab loads", "the next one"], timeout=3000)
     expect(late.locator("#messages .gap")).to_have_count(0)
 
-
-def dispatched(page, condition, timeout=5):
-    """Let Playwright dispatch its events (a route handler's, say) until condition() holds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "never happened"
-        page.wait_for_timeout(10)
 
 
 class Relay:
