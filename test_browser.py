@@ -657,7 +657,14 @@ def test_closing_or_reloading_the_leader_stalls_nothing_and_repeats_nothing(star
         expect(page.locator("#messages .text")).to_have_text(["before the close"], timeout=2000)
     [leader] = leaders(chats)
     chats.remove(leader)
+    # The next leader's first poll goes on from the last item it showed: none skipped.
+    last_shown = srv.status()["streams"]["chat"]["last_id"]
+    polled = []
+    for page in chats:
+        page.on("request", lambda r: polled.append(r.url) if "/chat/updates?" in r.url else None)
     leader.close()
+    dispatched(chats[0], lambda: polled)
+    assert polled[0].endswith(f"?cursor={last_shown}"), polled
     srv.post({"body": "just after the close"})
     for page in chats:
         expect(page.locator("#messages .text")).to_have_text(
@@ -675,6 +682,64 @@ def test_closing_or_reloading_the_leader_stalls_nothing_and_repeats_nothing(star
     expect(late.locator("#messages .text")).to_have_text(
         ["before the close", "just after the close", "after the reload"])
     expect(late.locator("#messages .gap")).to_have_count(0)
+
+
+# Every role a tab takes, in order, in window.roles.
+ROLES = """
+window.roles = [];
+new MutationObserver(() => {
+  const role = document.getElementById("state").dataset.role;
+  if (role !== window.roles[window.roles.length - 1]) window.roles.push(role);
+}).observe(document, {subtree: true, attributes: true, attributeFilter: ["data-role"]});
+"""
+
+
+def test_a_live_leader_keeps_the_lead_through_many_empty_polls(start, tabs):
+    srv = start("--poll-timeout", "2")
+    chats = tabs(f"http://127.0.0.1:{srv.port}", ["/"] * 3, ROLES)
+    [leader] = leaders(chats)
+    answered = []
+    leader.on("response", lambda r: answered.append(r) if "/chat/updates?cursor=" in r.url else None)
+    # Five empty polls of 2 s: a follower that took the silence of one for a
+    # frozen leader (it is 2 + 10 s) would have stolen the lock by now.
+    dispatched(leader, lambda: len(answered) >= 5, timeout=20)
+    assert leader.evaluate("window.roles") == ["follower", "leader"]     # elected once, never since
+    for page in chats:
+        if page is not leader:
+            assert page.evaluate("window.roles") == ["follower"]
+    assert parked(srv)[0] == 1
+
+
+# Every batch a page's channels hear, as [channel name, the lists it holds].
+HEARD = """
+window.heard = [];
+window.RealChannel = BroadcastChannel;
+window.BroadcastChannel = class extends window.RealChannel {
+  constructor(name) {
+    super(name);
+    this.addEventListener("message", ({data}) => {
+      if (data.batch) window.heard.push([name, Object.keys(data.batch).filter(k => k !== "cursor")]);
+    });
+  }
+};
+"""
+
+
+def test_a_chat_broadcast_reaches_only_the_chat_tabs(start, tabs):
+    from playwright.sync_api import expect
+    srv = start("--poll-timeout", "20")
+    chat, _, feed = tabs(f"http://127.0.0.1:{srv.port}", ["/", "/", "/feed"], HEARD)
+    # A probe on the chat's channel, in the feed tab: once it has heard the
+    # chat's batch, the feed tab's own channel would have too, if it were the same.
+    feed.evaluate("""() => { window.probe = [];
+        new RealChannel("longpoll /chat/updates").onmessage = ({data}) => window.probe.push(data); }""")
+    srv.post({"body": "for the chat tabs"})
+    expect(chat.locator("#messages .text")).to_have_text(["for the chat tabs"], timeout=2000)
+    dispatched(feed, lambda: feed.evaluate("window.probe.some(m => m.batch)"))
+    assert ["longpoll /chat/updates", ["messages"]] not in feed.evaluate("window.heard")
+    assert ["longpoll /chat/updates", ["messages"]] in (chat.evaluate("window.heard") +
+                                                         _.evaluate("window.heard"))
+    expect(feed.locator("#entries .entry")).to_have_count(0)
 
 
 def test_a_frozen_leader_is_taken_over_by_a_visible_tab(start, tabs):

@@ -670,6 +670,61 @@ def test_a_compression_bomb_is_refused_and_gzip_works(feeds):
     assert len(published_by(f.check)[1]) == 2 and f.ok
 
 
+def test_a_compression_bomb_is_never_inflated_whole(feeds):
+    import tracemalloc
+    bomb = gzip.compress(b"<" + b" " * 100_000_000)             # 100 MB inflated, 100 KB sent
+    f = longpoll.Feed(feeds.feed("/bomb", bomb, headers=[("Content-Encoding", "gzip")]))
+    tracemalloc.start()
+    try:
+        published_by(f.check)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "uncompressed" in f.error
+    # Inflating stops one byte past the limit: about 5 MB, never the 100 MB.
+    assert peak < 3 * longpoll.MAX_FEED_BYTES, f"peak {peak / 2**20:.0f} MiB"
+
+
+def test_no_more_than_the_fetch_limit_are_in_flight_at_once(feeds):
+    limit = longpoll.FETCH_CONCURRENCY
+    longpoll.settings.fetch_timeout = 30        # none gives up (and frees its slot) during the test
+    in_flight, most = [0], [0]
+
+    def slow():
+        in_flight[0] += 1
+        most[0] = max(most[0], in_flight[0])
+        feeds.release.wait()
+        in_flight[0] -= 1
+        return 200, [("Content-Type", "application/xml")], atom(numbered(1, 1))
+    paths = [f"/slow{n}" for n in range(limit + 5)]
+    for path in paths:
+        feeds.routes[path] = slow
+    checks = [eventlet.spawn(longpoll.Feed(feeds.url + path).check) for path in paths]
+    deadline = time.monotonic() + 10
+    while in_flight[0] < limit:
+        assert time.monotonic() < deadline, f"only {in_flight[0]} fetches started"
+        eventlet.sleep(0.01)
+    # Proving that no more start needs time: the 5 more would arrive within milliseconds.
+    eventlet.sleep(1)
+    assert in_flight[0] == limit
+    feeds.release.set()
+    for check in checks:
+        check.wait()
+    assert most[0] == limit and len(feeds.requests) == limit + 5
+
+
+def test_the_proxy_waits_longer_than_the_default_poll():
+    text = (HERE / "docs" / "running.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```nginx\n(.*?)```", text, re.S)
+    assert len(blocks) == 2
+    default = longpoll.parse_args([]).poll_timeout
+    for block in blocks:
+        # nginx's own default is 60 s, if a block leaves the line out.
+        seconds = [int(n) for n in re.findall(r"^\s*proxy_read_timeout\s+(\d+)s?;", block, re.M)] or [60]
+        # The margin: a poll answered at its timeout, plus a slow answer on a busy box.
+        assert all(n >= default + 10 for n in seconds), (seconds, default)
+
+
 def test_only_http_links_are_kept(feeds):
     f = longpoll.Feed(feeds.feed("/links", atom([
         ("urn:1", "js", "javascript:alert(document.cookie)", "s"),
