@@ -108,7 +108,7 @@ class Client:
 
     def poll(self, path, cursor):
         self.cursor = cursor
-        self.sock.send(b"GET %s?cursor=%d HTTP/1.1\r\nHost: bench\r\n\r\n" % (path, cursor))
+        self.sock.send(b"GET %s?cursor=%d HTTP/1.1\r\nHost: localhost\r\n\r\n" % (path, cursor))
 
     def feed(self, data):
         """Add received bytes; return True when a whole response has arrived."""
@@ -155,7 +155,7 @@ def post_with_buckets(app, n, samples=200):
 
     def requests(first, count):
         return b"".join(
-            b"POST /chat/messages HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+            b"POST /chat/messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
             b"X-Forwarded-For: 10.%d.%d.%d\r\nContent-Length: 12\r\n\r\n{\"body\":\"x\"}"
             % (i >> 16 & 255, i >> 8 & 255, i & 255) for i in range(first, first + count))
 
@@ -250,7 +250,7 @@ def throughput(app, n, posters, seconds):
         c.poll(b"/chat/updates", cursor)
     app.wait_until(lambda s: s["streams"]["chat"]["waiting"] == n, 60, "parked polls")
     post = json.dumps({"nick": "bench", "body": "throughput"}).encode()
-    post_request = (b"POST /chat/messages HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+    post_request = (b"POST /chat/messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                     b"Content-Length: %d\r\n\r\n%s" % (len(post), post))
     writers = connect(app, posters)
     for w in writers:

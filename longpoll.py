@@ -67,6 +67,8 @@ DEFAULT_FEEDS = [
     "https://github.blog/feed/",
 ]
 MAX_BODY_BYTES = 64 * 1024      # a POST larger than this is refused with 413
+MAX_ANSWER_BYTES = 256 * 1024   # of history in one answer; a client catching up asks again for the rest
+MAX_HISTORY = 10_000            # --history at most: every kept item is in memory, twice (fields and JSON)
 MAX_MESSAGE_CHARS = 2000
 MAX_NICK_CHARS = 32
 MAX_CLIENT_ID_CHARS = 64
@@ -93,8 +95,9 @@ def parse_args(argv=None):
                    help="port to listen on (default: %(default)s; 0 picks a free one)")
     p.add_argument("--poll-timeout", type=positive, default=25.0, metavar="SECONDS",
                    help="how long a poll waits for news before answering empty (default: %(default)s)")
-    p.add_argument("--history", type=count, default=200, metavar="N",
-                   help="items kept per stream for clients that catch up (default: %(default)s)")
+    p.add_argument("--history", type=history_size, default=200, metavar="N",
+                   help=f"items kept per stream for clients that catch up (default: %(default)s; "
+                        f"at most {MAX_HISTORY})")
     p.add_argument("--db", default="longpoll.db", metavar="PATH",
                    help="SQLite file keeping the history, feed state and posted client_ids across "
                         "restarts (default: %(default)s; :memory: keeps nothing)")
@@ -102,8 +105,12 @@ def parse_args(argv=None):
                    help="share both streams with every process given the same Redis, e.g. "
                         "redis://127.0.0.1:6379/0; it keeps what --db keeps otherwise, and no file is opened")
     p.add_argument("--client-timeout", type=positive, default=30.0, metavar="SECONDS",
-                   help="drop a client that takes longer than this to send a request, or idles that long "
-                        "between requests (default: %(default)s)")
+                   help="drop a client that takes longer than this to send a whole request (line, headers "
+                        "and body), or idles that long between requests; a parked poll is not counted "
+                        "(default: %(default)s)")
+    p.add_argument("--connections-per-address", type=count, default=1000, metavar="N",
+                   help="connections one client address may hold open, whatever they are doing; more are "
+                        "closed at once (default: %(default)s; a --trusted-proxy is not limited)")
     p.add_argument("--post-rate", type=positive, default=2.0, metavar="PER_SECOND",
                    help="chat messages per second one client address may post over time (default: %(default)s)")
     p.add_argument("--post-burst", type=count, default=10, metavar="N",
@@ -115,6 +122,9 @@ def parse_args(argv=None):
     p.add_argument("--trusted-proxy", action="append", default=[], metavar="ADDRESS",
                    help="a reverse proxy whose X-Forwarded-For, X-Forwarded-Host and X-Forwarded-Proto "
                         "are believed (repeatable)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="a Host name answered when listening on a loopback address, beside localhost and "
+                        "loopback addresses, which are always (repeatable)")
     p.add_argument("--feed", action="append", default=[], metavar="URL", type=http_url,
                    help="an Atom or RSS feed to poll (repeatable)")
     p.add_argument("--feeds", metavar="FILE",
@@ -157,6 +167,14 @@ def count(text):
     return value
 
 
+def history_size(text):
+    value = count(text)
+    if value > MAX_HISTORY:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_HISTORY} (each item kept is held in memory), "
+                                         f"not {text}")
+    return value
+
+
 def port_number(text):
     value = int(text)
     if not 0 <= value <= 65535:
@@ -194,7 +212,10 @@ class Stream:
     def __init__(self, key, store, history):
         self.key, self.store = key, store   # key: the list's name in a response, and in the store
         items, self.last_id = store.load(key)
-        self.items = collections.deque(items, maxlen=history)
+        self.items = collections.deque(maxlen=history)
+        self.encoded = collections.OrderedDict()    # id -> that item's JSON, encoded once for every answer
+        self.answers = {}                           # answers given since the last publish, by what they hold
+        self.keep(items)
         self.event = eventlet.Event()
         self.waiting = 0
         self.closed = False
@@ -213,8 +234,9 @@ class Stream:
             # off, or a wiped Redis counting afresh): forget the kept items, so
             # that since() tells older cursors of the gap.
             self.items.clear()
+            self.encoded.clear()
         self.last_id = items[-1]["id"]
-        self.items.extend(items)
+        self.keep(items)
         # An eventlet Event can be sent only once: swap in a fresh one and send
         # the old one, which wakes every current waiter. Sent on the hub's next
         # turn, so scheduling thousands of waiters is not done inside the request
@@ -222,8 +244,18 @@ class Stream:
         event, self.event = self.event, eventlet.Event()
         eventlet.spawn_after(0, event.send)
 
+    def keep(self, items):
+        self.items.extend(items)
+        self.answers.clear()
+        for item in items:
+            self.encoded[item["id"]] = json_bytes(item)
+        while len(self.encoded) > len(self.items):
+            self.encoded.popitem(last=False)        # the JSON of items the deque let go
+
     def since(self, cursor):
-        """(items newer than cursor, cursor to send next, whether items were dropped)."""
+        """(items newer than cursor, cursor to send next, whether items were dropped).
+        At most MAX_ANSWER_BYTES of them: then the cursor is the last one's, and
+        the client's next poll gets the rest at once."""
         if cursor is not None and cursor > self.last_id:
             # An id this process has not seen: only the store knows whether it was issued.
             issued = self.store.issued(self.key, cursor)
@@ -232,12 +264,37 @@ class Stream:
                 # store had lost it and gave a new id past it: told of the gap.
                 return [], issued, issued != cursor
         if cursor is None or cursor > self.last_id:
-            # No cursor, or one never issued: start over from what is kept.
-            return list(self.items), self.last_id, False
+            # No cursor, or one never issued: start over from the newest kept items.
+            newest = self.fitting(reversed(self.items))
+            return list(itertools.islice(self.items, len(self.items) - newest, None)), self.last_id, False
         first = self.last_id - len(self.items) + 1    # oldest id still kept
         gap = cursor < first - 1
-        newer = itertools.islice(self.items, max(0, cursor - first + 1), None)
-        return list(newer), self.last_id, gap
+        start = max(0, cursor - first + 1)
+        newer = list(itertools.islice(self.items, start, start + self.fitting(itertools.islice(self.items, start, None))))
+        return newer, newer[-1]["id"] if newer else self.last_id, gap
+
+    def fitting(self, items):
+        """How many of items, taken in order, fit in one answer (one at least)."""
+        fit = size = 0
+        for item in items:
+            size += len(self.encoded[item["id"]]) + 1
+            if size > MAX_ANSWER_BYTES and fit:
+                break
+            fit += 1
+        return fit
+
+    def answer(self, items, cursor, gap):
+        """since()'s result as the JSON of an answer, built once for every poll that
+        gets the same: a thousand woken polls cost one encoding, and while they are
+        written they share that one copy (eventlet sends a bytes object as it is)."""
+        key = (items[0]["id"] if items else None, cursor, gap)
+        if key not in self.answers:
+            if len(self.answers) >= 64:
+                self.answers.clear()        # clients asking with every cursor there is cannot grow it
+            listed = b",".join(self.encoded.get(item["id"]) or json_bytes(item) for item in items)
+            self.answers[key] = b'{"%s":[%s],"cursor":%d%s}' % (
+                self.key.encode(), listed, cursor, b',"gap":true' if gap else b"")
+        return self.answers[key]
 
     def wait(self, cursor, timeout):
         """Like since(), but wait up to timeout seconds for an item if there is none yet."""
@@ -269,6 +326,12 @@ class Stream:
 # /status and the updates route all go through this one list.
 STREAMS = {"chat": "messages", "feed": "entries"}
 streams = {}        # name -> Stream; main() opens them with open_streams()
+
+
+def json_bytes(value):
+    # UTF-8, not \u escapes: an emoji is 4 bytes, not 12. A lone surrogate (a
+    # post may not have one; a feed might) cannot be UTF-8, and becomes "?".
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "replace")
 
 
 def open_streams(store, history):
@@ -312,6 +375,40 @@ def no_store():
     bottle.response.set_header("X-Accel-Buffering", "no")   # a proxy must pass each answer on at once
 
 
+@app.hook("before_request")
+def front_door():
+    # A request without a body has been read whole: --client-timeout is over
+    # for it (a parked poll is not a slow request). json_body() ends it for the others.
+    if bottle.request.content_length <= 0:
+        bottle.request.environ["longpoll.request_read"]()
+    # DNS rebinding: a page of evil.example whose name then resolves to 127.0.0.1
+    # is, to the browser, same-origin with a server listening on loopback. Its
+    # requests still name evil.example in Host, which a loopback server refuses.
+    host = urllib.parse.urlsplit("//" + bottle.request.get_header("Host", "localhost")).hostname or ""
+    if settings.loopback_only and not (host in settings.allow_host or is_loopback(host)):
+        fail(400, f"this server answers only for localhost; start it with --allow-host {host} to serve that name")
+
+
+@app.hook("after_request")
+def safe_headers():
+    for name, value in SAFE_HEADERS:
+        bottle.response.set_header(name, value)
+
+
+# On every answer: nothing is sniffed into another type, and pages this app
+# links to are not told which of its pages (or polls) a reader was on.
+SAFE_HEADERS = [("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "same-origin")]
+
+
+def is_loopback(host):
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def parse_cursor():
     text = bottle.request.query.get("cursor")
     if text is None:
@@ -337,11 +434,9 @@ def updates(stream):
         parked_by_address[address] -= 1
         if not parked_by_address[address]:
             del parked_by_address[address]     # else the table keeps every address ever seen
-    body = {stream.key: items, "cursor": cursor}
-    if gap:
-        body["gap"] = True
     no_store()
-    return body
+    bottle.response.content_type = "application/json"
+    return stream.answer(items, cursor, gap)
 
 
 def from_trusted_proxy():
@@ -350,12 +445,17 @@ def from_trusted_proxy():
 
 def client_address():
     """The client's address as limits count it: a trusted proxy's X-Forwarded-For is
-    believed, nobody else's; an IPv6 client is its /64, since one host owns all of it."""
+    believed, nobody else's."""
     addr = bottle.request.environ.get("REMOTE_ADDR", "")
     if from_trusted_proxy():
         hops = [h.strip() for h in bottle.request.get_header("X-Forwarded-For", "").split(",")]
         # The rightmost hop no trusted proxy added.
         addr = next((h for h in reversed(hops) if h and h not in settings.trusted_proxy), addr)
+    return address_key(addr)
+
+
+def address_key(addr):
+    """An address as limits count it: an IPv6 client is its /64, since one host owns all of it."""
     try:
         ip = ipaddress.ip_address(addr)
     except ValueError:
@@ -390,11 +490,12 @@ def json_body():
         fail(415, "Content-Type must be application/json")
     if req.content_length > MAX_BODY_BYTES:
         fail(413, f"request body is over {MAX_BODY_BYTES // 1024} KB")
-    # Read the input stream itself, never more than the limit: bottle's req.body
-    # would buffer a chunked body of any size (to disk, past 100 KB).
-    raw = req.environ["wsgi.input"].read(MAX_BODY_BYTES + 1)
-    if len(raw) > MAX_BODY_BYTES:
-        fail(413, f"request body is over {MAX_BODY_BYTES // 1024} KB")
+    try:
+        # The front door refused chunked bodies, so Content-Length is exact.
+        raw = req.environ["wsgi.input"].read(req.content_length)
+    except SlowRequest:
+        fail(408, f"the request body took longer than {settings.client_timeout:g} s", Connection="close")
+    req.environ["longpoll.request_read"]()
     try:
         data = json.loads(raw)
     except (ValueError, RecursionError):
@@ -456,15 +557,15 @@ def post_message():
     nick = text_field(data, "nick", MAX_NICK_CHARS, refused=BIDI_CONTROLS) or "anonymous"
     client_id = text_field(data, "client_id", MAX_CLIENT_ID_CHARS)
     try:
-        original = client_id and store.posted(client_id)
+        message = {"nick": nick, "body": body, "time": time.time()}
+        original = client_id and store.posted(client_id, streams["chat"].key, message)
         if original:
             return original                     # a retry whose first answer was lost
         wait = posting.take(client_address(), settings.post_rate, settings.post_burst)
         if wait:
             wait = math.ceil(wait)
             fail(429, f"too many messages; try again in {wait} s", Retry_After=str(wait))
-        [message], new = streams["chat"].publish(
-            {"nick": nick, "body": body, "time": time.time()}, client_id=client_id)
+        [message], new = streams["chat"].publish(message, client_id=client_id)
     except storage.StoreError:
         fail(503, "the server cannot store messages right now; try again shortly", Retry_After="10")
     # 200 for a copy that raced its original (to another process, say): posted once.
@@ -718,8 +819,10 @@ def status():
 
 
 def page(name, **values):
-    bottle.response.set_header("Content-Security-Policy",
-                               "default-src 'self'; img-src 'self' data:; object-src 'none'")
+    # frame-ancestors: no other site may show the chat in a frame and have
+    # visitors click or type into it unawares.
+    bottle.response.set_header("Content-Security-Policy", "default-src 'self'; img-src 'self' data:; "
+                               "object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
     # The page learns the poll timeout, to notice a poll that outlives it on a dead connection.
     return bottle.template(name, poll_timeout=f"{settings.poll_timeout:g}", **values)
 
@@ -744,17 +847,88 @@ bottle.TEMPLATE_PATH[:] = [str(HERE / "views")]
 # -- main() -------------------------------------------------------------------
 
 
+class SlowRequest(Exception):
+    """A client took longer than --client-timeout to send its request."""
+
+
 class Protocol(eventlet.wsgi.HttpProtocol):
+    """eventlet's HTTP/1.1 server with what a server facing hostile clients needs
+    more: a deadline for each whole request, a cap on connections per address,
+    and strict framing."""
+
     # Each connection keeps its buffers for its whole life (eventlet's default
     # is 8 + 16 KB); requests and answers here are small, and small buffers
     # hold more parked clients (measured at 10,000: 33 -> 27 KB a client).
     rbufsize = wbufsize = 1024
+    open_by_address = collections.Counter()     # peer address -> connections it holds open now
 
     def setup(self):
         # An answer larger than the buffer goes out in pieces: without
         # TCP_NODELAY the last piece could wait for the client's delayed ACK.
         self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         super().setup()
+
+    def handle(self):
+        # Whatever its connections do (a slow request, an idle keep-alive, an
+        # answer never read), one address may not hold them all. A trusted
+        # proxy carries everyone's; its clients are limited by X-Forwarded-For.
+        address = address_key(self.client_address[0])
+        if address not in settings.trusted_proxy:
+            if self.open_by_address[address] >= settings.connections_per_address:
+                return                              # finish() closes it, unread
+            self.open_by_address[address] += 1
+        try:
+            super().handle()
+        finally:
+            if address not in settings.trusted_proxy:
+                self.open_by_address[address] -= 1
+                if not self.open_by_address[address]:
+                    del self.open_by_address[address]
+
+    def handle_one_request(self):
+        # eventlet's socket timeout is per read, so a byte every few seconds
+        # holds a connection for ever. This deadline is for the whole request,
+        # from the wait for its first byte (an idle keep-alive too) to the end
+        # of its body; the app ends it once the request is read (front_door()).
+        self.deadline = eventlet.Timeout(settings.client_timeout, SlowRequest())
+        try:
+            super().handle_one_request()
+        except SlowRequest:
+            self.close_connection = 1
+        finally:
+            self.deadline.cancel()
+
+    def get_environ(self):
+        environ = super().get_environ()
+        environ["longpoll.request_read"] = self.deadline.cancel
+        return environ
+
+    def parse_request(self):
+        if not super().parse_request():
+            return False
+        # Where two readers of a request could disagree on where its body ends
+        # (a proxy in front, and this server), a request could hide another in
+        # its body: refuse what nginx refuses, before reading any of it.
+        lengths = self.headers.get_all("Content-Length") or []
+        if self.headers.get("Transfer-Encoding") is not None:
+            self.send_error(411, "chunked request bodies are not accepted: send Content-Length")
+        elif len(lengths) > 1 or not all(re.fullmatch(r"[0-9]{1,18}", n) for n in lengths):
+            self.send_error(400, "Content-Length must be given once, as a number of bytes")
+        elif any("\n" in value for value in self.headers.values()):
+            self.send_error(400, "folded header lines are not accepted")
+        else:
+            return True
+        return False
+
+    def send_error(self, code, message=None, explain=None):
+        # Every refusal before the app is JSON too, and ends the connection:
+        # what follows on it may be a body that was never read.
+        body = json.dumps({"error": message or self.responses[code][0]}).encode()
+        self.wfile.write(b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                         b"Connection: close\r\n%s\r\n%s" % (
+                             code, self.responses[code][0].encode(), len(body),
+                             b"".join(b"%s: %s\r\n" % (n.encode(), v.encode()) for n, v in SAFE_HEADERS), body))
+        self.close_connection = 1
 
 
 def open_files_limit():
@@ -771,6 +945,7 @@ def open_files_limit():
 def main(argv=None):
     global settings, store, posting, streams
     settings = parse_args(argv)
+    settings.loopback_only = is_loopback(settings.host)
     try:
         # No SO_REUSEPORT: a second copy on a taken port must fail, not share it.
         sock = eventlet.listen((settings.host, settings.port), backlog=4096, reuse_port=False)

@@ -47,13 +47,14 @@ if not n or n < seen then
 end
 """
 
-# KEYS: counter, stream, client_id key or "", feed key or ""
+# KEYS: counter, stream, client_id key or "" (posted:ID, holding the first id it
+# was posted with), feed key or ""
 # ARGV: id seen, history, feed state or "", then each item's fields as JSON.
-# Returns {first id} or, for a client_id already posted, {0, id, fields}.
+# Returns {first id} or, for a client_id already posted, {0, its id}.
 APPEND = COUNTER + """
 if KEYS[3] ~= '' then
-    local original = redis.call('HMGET', KEYS[3], 'id', 'fields')
-    if original[1] then return {0, tonumber(original[1]), original[2]} end
+    local original = redis.call('GET', KEYS[3])
+    if original then return {0, tonumber(original)} end
 end
 local first = n + 1
 for i = 4, #ARGV do
@@ -62,8 +63,7 @@ for i = 4, #ARGV do
 end
 redis.call('SET', KEYS[1], string.format('%d', n))
 if KEYS[3] ~= '' then
-    redis.call('HSET', KEYS[3], 'id', string.format('%d', first), 'fields', ARGV[4])
-    redis.call('EXPIRE', KEYS[3], """ + str(CLIENT_IDS_KEPT) + """)
+    redis.call('SET', KEYS[3], string.format('%d', first), 'EX', """ + str(CLIENT_IDS_KEPT) + """)
 end
 if KEYS[4] ~= '' then redis.call('SET', KEYS[4], ARGV[3]) end
 return {first}
@@ -115,7 +115,8 @@ class RedisStore:
 
     def __init__(self, url, history):
         self.url, self.history = url, history
-        self.error = "not connected yet"
+        self.error = "not connected yet"   # why Redis cannot be used, while it cannot
+        self.write_error = None     # why the last write failed, until a write succeeds
         self.seen = {}              # stream -> the last id the reader delivered
         self.position = {}          # stream -> the entry XREAD goes on after (None: not read yet)
         self.deliver = None         # set by open_streams(): where each item read goes
@@ -133,13 +134,21 @@ class RedisStore:
         self.top_script = self.redis.register_script(TOP)
         self.issued_script = self.redis.register_script(ISSUED)
 
-    def call(self, method, *args, **kw):
-        """A Redis command; a Redis that cannot be reached is a StoreError."""
+    def call(self, method, *args, writes=False, **kw):
+        """A Redis command; a Redis that cannot be reached is a StoreError. A
+        write that Redis refused (full, read-only) is remembered until a write
+        succeeds: such a Redis still answers the reader, whose answers would
+        say all is well. One that could not reach it is the reader's to clear."""
         try:
-            return method(*args, **kw)
+            reply = method(*args, **kw)
         except redis.RedisError as e:
             self.error = f"Redis: {e}"
+            if writes and not isinstance(e, (redis.ConnectionError, redis.TimeoutError)):
+                self.write_error = self.error
             raise StoreError(self.error) from None
+        if writes:
+            self.write_error = None
+        return reply
 
     def load(self, stream):
         """(the newest kept items, the last id), at start; the reader goes on from there.
@@ -159,14 +168,22 @@ class RedisStore:
         checked in the same script that appends, so of two copies racing to two
         processes one posts and the other is the repeat."""
         keys = [PREFIX + stream + ":last", PREFIX + stream,
-                PREFIX + "client:" + client_id if client_id else "",
+                PREFIX + "posted:" + client_id if client_id else "",
                 PREFIX + "feed:" + feed[0] if feed else ""]
         fields = [json.dumps(f) for f in batch]
         reply = self.call(self.append_script, keys,
-                          [self.seen.get(stream, 0), self.history, json.dumps(feed and feed[1])] + fields)
+                          [self.seen.get(stream, 0), self.history, json.dumps(feed and feed[1])] + fields,
+                          writes=True)
         if reply[0] == 0:
-            return [{"id": reply[1], **json.loads(reply[2])}], False
+            return [self.item(stream, reply[1], batch[0])], False
         return [{"id": reply[0] + n, **f} for n, f in enumerate(batch)], True
+
+    def item(self, stream, item_id, fields):
+        """The item with this id as the stream keeps it; if trimmed since, the id
+        with the fields the retry sent (a client_id keeps only the id: a copy of
+        every message for an hour would cost Redis more than the history does)."""
+        entries = self.call(self.redis.xrange, PREFIX + stream, f"{item_id}-0", f"{item_id}-0")
+        return next(items(entries), None) or {"id": item_id, **fields}
 
     def issued(self, stream, cursor):
         """For a cursor above what this process has seen: the cursor itself if another
@@ -175,10 +192,10 @@ class RedisStore:
         top = self.call(self.issued_script, [PREFIX + stream + ":last"], [cursor])
         return None if top < 0 else top
 
-    def posted(self, client_id):
-        """The message first posted with this client_id, or None."""
-        original = self.call(self.redis.hgetall, PREFIX + "client:" + client_id)
-        return original and {"id": int(original["id"]), **json.loads(original["fields"])}
+    def posted(self, client_id, stream, fields):
+        """The message first posted with this client_id (see item()), or None."""
+        original = self.call(self.redis.get, PREFIX + "posted:" + client_id)
+        return original and self.item(stream, int(original), fields)
 
     def feed_state(self, url):
         return json.loads(self.call(self.redis.get, PREFIX + "feed:" + url) or "null")
@@ -187,7 +204,7 @@ class RedisStore:
         """Take the feed's lease for `seconds`: (0, None) if this process now holds it,
         else (seconds left, the holder's last report)."""
         key = PREFIX + "lease:" + url
-        if self.call(self.redis.set, key, "{}", nx=True, px=int(seconds * 1000)):
+        if self.call(self.redis.set, key, "{}", nx=True, px=int(seconds * 1000), writes=True):
             return 0, None
         report, ms = self.call(self.redis.pipeline(transaction=False).get(key).pttl(key).execute)
         # Never 0, which would mean ours: a lease that ended just now is tried again shortly.
@@ -195,7 +212,8 @@ class RedisStore:
 
     def hold(self, url, seconds, report):
         """Keep the feed's lease `seconds` more, telling the other processes how the check went."""
-        self.call(self.redis.set, PREFIX + "lease:" + url, json.dumps(report), px=max(1, int(seconds * 1000)))
+        self.call(self.redis.set, PREFIX + "lease:" + url, json.dumps(report), px=max(1, int(seconds * 1000)),
+                  writes=True)
 
     def start(self):
         """Start the reader: this process learns of every item, its own included, from Redis."""
@@ -251,7 +269,8 @@ class RedisStore:
         return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
 
     def status(self):
-        return {"redis": self.where(), "ok": self.error is None, "error": self.error}
+        error = self.write_error or self.error
+        return {"redis": self.where(), "ok": error is None, "error": error}
 
     def close(self):
         self.redis.close()
@@ -266,7 +285,7 @@ class RedisBuckets:
         self.take_script = store.redis.register_script(TAKE)
 
     def take(self, address, rate, burst):
-        return float(self.store.call(self.take_script, [PREFIX + "bucket:" + address], [rate, burst]))
+        return float(self.store.call(self.take_script, [PREFIX + "bucket:" + address], [rate, burst], writes=True))
 
 
 def items(entries):

@@ -122,7 +122,7 @@ class Soak:
                     eventlet.spawn_after(random.random() * 3, sock.close)
                 elif kind == 1:                 # a poll abandoned while it waits
                     sock = socket.create_connection(self.address())
-                    sock.sendall(b"GET /chat/updates?cursor=%d HTTP/1.1\r\nHost: x\r\n\r\n" % (10 ** 17))
+                    sock.sendall(b"GET /chat/updates?cursor=%d HTTP/1.1\r\nHost: localhost\r\n\r\n" % (10 ** 17))
                     eventlet.spawn_after(random.random() * 3, sock.close)
                 else:                           # bad input: a 4xx, never a 5xx
                     conn = self.connection("127.0.0.250")

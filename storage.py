@@ -112,7 +112,7 @@ class Store:
         all in one transaction; then deliver it. Return (items, True), or
         ([the original], False) for a client_id already posted. StoreError if
         it cannot be written: then nothing is published."""
-        original = client_id and self.posted(client_id)
+        original = client_id and self.posted(client_id, stream, batch[0])
         if original:
             return [original], False
         last = self.last_ids[stream]
@@ -156,8 +156,10 @@ class Store:
         it was never given out. Here it never was: this process gives every id."""
         return None
 
-    def posted(self, client_id):
-        """The message first posted with this client_id within CLIENT_IDS_KEPT, or None."""
+    def posted(self, client_id, stream, fields):
+        """The message first posted with this client_id within CLIENT_IDS_KEPT, or None.
+        (stream and fields, the message as the retry sent it, are for a store that
+        keeps only the id; this one keeps the whole message, on disk.)"""
         row = self.db.execute("SELECT item FROM client_ids WHERE client_id = ? AND time >= ?",
                               (client_id, time.time() - CLIENT_IDS_KEPT)).fetchone()
         return row and json.loads(row[0])

@@ -559,6 +559,21 @@ def test_chat_through_the_readme_nginx_config(start, open_page, nginx):
     assert app.status()["streams"]["chat"]["waiting"] == 2     # both polls park through the proxy
 
 
+def test_the_readme_proxy_passes_no_clients_own_forwarded_host(start, nginx):
+    import http.client
+    app = start("--trusted-proxy", "127.0.0.1")
+    port = nginx(app.port)
+
+    def post(headers):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("POST", "/chat/messages", body='{"body": "hi"}',
+                     headers={"Content-Type": "application/json", **headers})
+        return conn.getresponse().status
+    # A page of evil.example names itself in Origin, and in X-Forwarded-Host to match.
+    assert post({"Origin": "http://evil.example", "X-Forwarded-Host": "evil.example"}) == 403
+    assert post({"Origin": f"http://127.0.0.1:{port}"}) == 201     # the site itself, through the proxy
+
+
 def test_chat_through_the_readme_deployment_while_a_process_dies(start, open_page, nginx, redis_url):
     from playwright.sync_api import expect
     apps = [start("--redis", redis_url, "--trusted-proxy", "127.0.0.1", "--poll-timeout", "5") for _ in range(2)]

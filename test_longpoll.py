@@ -14,6 +14,7 @@ import json
 import os
 import re
 import resource
+import select
 import signal
 import socket
 import sqlite3
@@ -153,6 +154,36 @@ def test_history_is_bounded_and_a_stale_cursor_reports_a_gap():
     items, cursor, gap = stream.since(4)        # 5 is the next it needs, and 5 is kept
     assert [i["id"] for i in items] == [5, 6, 7] and not gap
     assert stream.since(6) == ([stream.items[2]], 7, False)
+
+
+def test_a_history_answer_is_bounded_and_a_client_catching_up_gets_the_rest_in_order():
+    stream = memory_stream(1000)
+    for n in range(1, 1001):
+        stream.publish({"n": n, "text": "\N{GRINNING FACE}" * 2000})      # 8 KB each, in UTF-8
+    # No cursor: the newest that fit in one answer.
+    items, cursor, gap = stream.since(None)
+    body = stream.answer(items, cursor, gap)
+    assert len(body) <= longpoll.MAX_ANSWER_BYTES + 100 and cursor == 1000
+    assert [i["n"] for i in items] == list(range(1001 - len(items), 1001)) and len(items) > 10
+    assert json.loads(body) == {"messages": items, "cursor": 1000}
+    # From a cursor: the oldest after it that fit, and the cursor of the last of them.
+    shown, cursor = [], 0
+    while cursor < 1000:
+        items, cursor, gap = stream.since(cursor)
+        assert not gap and len(stream.answer(items, cursor, gap)) <= longpoll.MAX_ANSWER_BYTES + 100
+        shown += [i["n"] for i in items]
+        assert cursor == shown[-1]
+    assert shown == list(range(1, 1001))
+
+
+def test_one_encoding_serves_every_poll_that_gets_the_same_answer():
+    stream = memory_stream(10)
+    stream.publish({"text": "caf\N{LATIN SMALL LETTER E WITH ACUTE} \N{GRINNING FACE}"})
+    first = stream.answer(*stream.since(None))
+    assert stream.answer(*stream.since(None)) is first      # the same object: encoded once
+    assert "café 😀".encode() in first                      # UTF-8, not \\u escapes
+    stream.publish({"text": "next"})
+    assert json.loads(stream.answer(*stream.since(None)))["messages"][-1]["text"] == "next"
 
 
 def test_cursor_from_before_a_restart_gets_history_at_once():
@@ -466,7 +497,7 @@ def test_abandoned_polls_are_freed_at_the_poll_timeout(start):
     socks, cursor = [], srv.cursor()
     for _ in range(20):
         sock = socket.create_connection((srv.host, srv.port))
-        sock.sendall(b"GET /chat/updates?cursor=%d HTTP/1.1\r\nHost: x\r\n\r\n" % cursor)
+        sock.sendall(b"GET /chat/updates?cursor=%d HTTP/1.1\r\nHost: localhost\r\n\r\n" % cursor)
         socks.append(sock)
     srv.wait_for(lambda s: s["waiting"] == 20)
     for sock in socks:
@@ -521,7 +552,8 @@ def test_start_is_quiet_and_help_documents_every_flag(start):
 def test_bad_flags_are_refused_clearly():
     for flags in (["--poll-timeout", "0"], ["--history", "0"], ["--port", "70000"], ["--port", "http"], ["--feed", "file:///etc/passwd"],
                   ["--feed-interval", "0.5"], ["--feeds", "/no/such/file"], ["--polls-per-address", "0"],
-                  ["--post-rate", "-1"], ["--client-timeout", "x"]):
+                  ["--post-rate", "-1"], ["--client-timeout", "x"], ["--history", "50000"],
+                  ["--connections-per-address", "0"]):
         proc = subprocess.run([sys.executable, "longpoll.py", *flags], cwd=HERE,
                               capture_output=True, text=True, timeout=10)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, (flags, proc.stderr)
@@ -533,10 +565,10 @@ def test_bad_flags_are_refused_clearly():
 @pytest.fixture
 def feeds(monkeypatch):
     monkeypatch.setattr(longpoll, "settings", longpoll.parse_args(
-        ["--feed-interval", "60", "--fetch-timeout", "2", "--history", "100000"]))
-    store = storage.Store(":memory:", 100_000)          # this test's own streams
+        ["--feed-interval", "60", "--fetch-timeout", "2", "--history", str(longpoll.MAX_HISTORY)]))
+    store = storage.Store(":memory:", longpoll.MAX_HISTORY)          # this test's own streams
     monkeypatch.setattr(longpoll, "store", store)
-    monkeypatch.setattr(longpoll, "streams", longpoll.open_streams(store, 100_000))
+    monkeypatch.setattr(longpoll, "streams", longpoll.open_streams(store, longpoll.MAX_HISTORY))
     srv = FeedServer()
     yield srv
     srv.close()
@@ -935,7 +967,7 @@ def test_a_client_that_stops_reading_does_not_block_a_broadcast(start):
     stuck = socket.socket()
     stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     stuck.connect((srv.host, srv.port))
-    stuck.sendall(b"GET /chat/updates HTTP/1.1\r\nHost: x\r\n\r\n")     # and never reads
+    stuck.sendall(b"GET /chat/updates HTTP/1.1\r\nHost: localhost\r\n\r\n")     # and never reads
     poll = spawn_poll(srv, f"/chat/updates?cursor={srv.cursor()}", timeout=10)
     srv.wait_for(lambda s: s["streams"]["chat"]["waiting"] == 1)
     posted = srv.post({"body": "past the stuck one"}).json()
@@ -956,7 +988,7 @@ def test_thousands_of_abandoned_polls_cost_nothing_after_the_timeout(start):
         socks = []
         for i in range(5000):
             sock = socket.create_connection((srv.host, srv.port), source_address=(loopback(i % 10), 0))
-            sock.sendall(b"GET /chat/updates?cursor=%d HTTP/1.1\r\nHost: x\r\n\r\n" % cursor)
+            sock.sendall(b"GET /chat/updates?cursor=%d HTTP/1.1\r\nHost: localhost\r\n\r\n" % cursor)
             socks.append(sock)
         srv.wait_for(lambda s: s["waiting"] == 5000, timeout=60)
         for sock in socks:
@@ -968,16 +1000,163 @@ def test_thousands_of_abandoned_polls_cost_nothing_after_the_timeout(start):
     assert rss[2] <= rss[0] * 1.05, rss
 
 
-def test_a_chunked_body_is_limited_too(server):
-    sock = socket.create_connection((server.host, server.port))
-    sock.sendall(b"POST /chat/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Transfer-Encoding: chunked\r\n\r\n")
-    chunk = b"8000\r\n" + b" " * 0x8000 + b"\r\n"
-    for _ in range(4):                  # 128 KB, more than the 64 KB allowed
-        sock.sendall(chunk)
-    sock.sendall(b"0\r\n\r\n")
-    assert sock.recv(100).startswith(b"HTTP/1.1 413")
-    sock.close()
+def raw_request(srv, data, timeout=5):
+    """Send bytes as they are; the server's whole answer, read until it closes."""
+    with socket.create_connection((srv.host, srv.port), timeout=timeout) as sock:
+        sock.sendall(data)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        return answer
+
+
+def test_a_chunked_body_is_refused_unread(server):
+    # An endless chunk-size line: refused on the headers, so none of it is read
+    # (eventlet reads a chunk-size line whole, however long).
+    with socket.create_connection((server.host, server.port), timeout=5) as sock:
+        sock.sendall(b"POST /chat/messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n" + b"f" * 100_000)
+        answer = sock.makefile("rb").read()         # to the end: the server closed the connection
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 411") and b"Connection: close" in head
+    assert "Content-Length" in json.loads(body)["error"]
+
+
+@pytest.mark.parametrize("headers", [
+    b"Content-Length: 2\r\nContent-Length: 20\r\n",       # which one? nginx refuses it; so do we
+    b"Content-Length: 2\r\nContent-Length: 2\r\n",
+    b"Content-Length: +2\r\n",
+    b"Content-Length: -5\r\n",
+    b"Transfer-Encoding: gzip\r\n",                        # unknown: else its body is read as the next request
+    b"Transfer-Encoding: chunked\r\nContent-Length: 2\r\n",
+    b"X-Folded: a\r\n b\r\nContent-Length: 2\r\n",            # an obsolete folded line
+], ids=["two lengths", "a length twice", "plus sign", "negative", "unknown coding", "both", "folded"])
+def test_ambiguous_framing_is_a_4xx_json_error_and_closes(server, headers):
+    before = server.cursor()
+    answer = raw_request(server, b"POST /chat/messages HTTP/1.1\r\nHost: localhost\r\n"
+                                 b"Content-Type: application/json\r\n" + headers + b"\r\n{}")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert re.match(rb"HTTP/1.1 4[01][01] ", head), head
+    assert b"Connection: close" in head and json.loads(body)["error"]
+    assert server.cursor() == before
+
+
+@pytest.mark.parametrize("part", ["request line", "headers", "body"])
+def test_a_request_sent_slowly_is_dropped_at_the_client_timeout(start, part):
+    srv = start("--client-timeout", "1")
+    head = b"POST /chat/messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+    body = json.dumps({"body": "slow"}).encode()
+    request = head + b"Content-Length: %d\r\n\r\n" % len(body) + body
+    # Everything before the slow part at once; then a byte every 0.2 s, each
+    # well inside the timeout, which a per-read timeout never trips.
+    at_once = {"request line": 0, "headers": len(b"POST /chat/messages HTTP/1.1\r\n"),
+               "body": len(request) - len(body)}[part]
+    sock = socket.create_connection((srv.host, srv.port))
+    sock.sendall(request[:at_once])
+    took, answer = slow_send(sock, request[at_once:], 0.2)
+    assert took < 2.5, took                   # 1 s, and not the 0.2 s * len(request) it would take
+    if part == "body":                        # the app was reading it: it says why
+        assert answer.startswith(b"HTTP/1.1 408") and b"Connection: close" in answer, answer
+    else:
+        assert answer == b""                  # closed, without a word
+    assert srv.get("/chat/updates").json()["messages"] == []        # the slow post was not published
+
+
+def slow_send(sock, data, every):
+    """Send data a byte at a time, one each `every` seconds, until the server
+    answers or closes; (seconds it took, what the server answered)."""
+    started, answer = time.monotonic(), b""
+    try:
+        for byte in data:
+            sock.sendall(bytes([byte]))
+            readable, _, _ = select.select([sock], [], [], every)
+            if readable:
+                answer = sock.recv(65536)
+                break
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    finally:
+        sock.close()
+    return time.monotonic() - started, answer
+
+
+def test_an_idle_keep_alive_is_dropped_but_a_parked_poll_is_not_a_slow_request(start):
+    srv = start("--client-timeout", "1", "--poll-timeout", "3")
+    with socket.create_connection((srv.host, srv.port), timeout=10) as idle:
+        started = time.monotonic()
+        assert idle.recv(100) == b"" and time.monotonic() - started < 2.5
+    started = time.monotonic()
+    answer = srv.get(f"/chat/updates?cursor={srv.cursor()}")
+    assert answer.status == 200 and answer.json()["messages"] == []
+    assert time.monotonic() - started >= 2.9       # it waited out its poll timeout, well past the client timeout
+
+
+def test_a_history_of_long_messages_is_answered_in_bounded_utf8_pages(start):
+    srv = start("--post-burst", "1000")
+    for n in range(200):
+        assert srv.post({"body": f"{n} " + "\N{GRINNING FACE}" * 1990}).status == 201
+    # 200 x 8 KB: a first answer of all of it was 4.9 MB, each emoji sent as \\ud83d\\ude00.
+    first = srv.get("/chat/updates")
+    assert len(first.body) <= longpoll.MAX_ANSWER_BYTES and b"\\ud83d" not in first.body
+    newest = [m["body"].split()[0] for m in first.json()["messages"]]
+    assert newest[-1] == "199" and len(newest) > 20
+    shown, cursor = [], srv.cursor() - 200
+    while cursor < srv.cursor():         # as a browser back from a trip catches up: page by page
+        answer = srv.get(f"/chat/updates?cursor={cursor}").json()
+        shown += [m["body"].split()[0] for m in answer["messages"]]
+        cursor = answer["cursor"]
+    assert shown == [str(n) for n in range(200)]
+
+
+def test_one_address_cannot_hold_more_connections_than_its_share(start):
+    srv = start("--connections-per-address", "5", "--trusted-proxy", "127.0.0.20")
+
+    def connections(source, n):
+        socks = [socket.create_connection((srv.host, srv.port), source_address=(source, 0), timeout=5)
+                 for _ in range(n)]
+        for sock in socks:          # each sends half a request, and holds its connection
+            sock.sendall(b"GET /status HTTP/1.1\r\n")
+        return socks
+    held = connections("127.0.0.21", 5)
+    srv.status()        # accepted after the five, so they are being served (and counted) by now
+    [sixth] = connections("127.0.0.21", 1)
+    assert sixth.recv(100) == b""       # closed at once, unread
+    assert srv.get("/status", source="127.0.0.22").status == 200       # another address is not held back
+    proxied = connections("127.0.0.20", 8)      # a trusted proxy carries many clients
+    proxied[-1].sendall(b"Host: localhost\r\n\r\n")
+    assert proxied[-1].recv(100).startswith(b"HTTP/1.1 200")
+    held[0].close()
+    dispatched = time.monotonic() + 5
+    while True:     # the server notices the close when it next reads; then the address has a place again
+        [again] = connections("127.0.0.21", 1)
+        again.sendall(b"Host: localhost\r\n\r\n")
+        if again.recv(100).startswith(b"HTTP/1.1 200"):
+            break
+        assert time.monotonic() < dispatched, "the closed connection's place never came back"
+    for sock in held + proxied + [sixth, again]:
+        sock.close()
+
+
+def test_every_answer_says_nosniff_and_pages_cannot_be_framed(server):
+    for answer in (server.get("/"), server.get("/chat/updates"), server.get("/nowhere"),
+                   server.post({"body": ""}), server.get("/static/poll.js")):
+        assert answer.headers["X-Content-Type-Options"] == "nosniff", answer.status
+        assert answer.headers["Referrer-Policy"] == "same-origin"
+    assert "frame-ancestors 'none'" in server.get("/").headers["Content-Security-Policy"]
+    refused = raw_request(server, b"GET / HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n")
+    assert b"X-Content-Type-Options: nosniff" in refused
+
+
+def test_a_loopback_server_answers_only_loopback_names(start):
+    srv = start("--allow-host", "chat.test")
+    rebinding = {"Host": f"evil.example:{srv.port}", "Origin": f"http://evil.example:{srv.port}"}
+    assert srv.post({"body": "rebound"}, headers=rebinding).status == 400
+    answer = srv.get("/chat/updates", headers=rebinding)
+    assert answer.status == 400 and "--allow-host" in answer.json()["error"]
+    for host in (f"localhost:{srv.port}", f"127.0.0.1:{srv.port}", "127.9.9.9", "app.localhost", "[::1]",
+                 "chat.test", f"CHAT.test:{srv.port}"):
+        assert srv.get("/chat/updates", headers={"Host": host}).status == 200, host
+    assert srv.get("/chat/updates").json()["messages"] == []
 
 
 def test_a_broken_body_is_not_hidden_by_a_later_304(feeds):
@@ -991,7 +1170,7 @@ def test_a_broken_body_is_not_hidden_by_a_later_304(feeds):
 
 
 def test_origin_is_checked_against_what_a_trusted_proxy_saw(start):
-    srv = start("--trusted-proxy", "127.0.0.6")
+    srv = start("--trusted-proxy", "127.0.0.6", "--allow-host", "chat.example")
     site = {"Host": f"127.0.0.1:{srv.port}", "X-Forwarded-Host": "chat.example:8443",
             "X-Forwarded-Proto": "https"}
     assert post_from(srv, "127.0.0.6", {"body": "a"}, {**site, "Origin": "https://chat.example:8443"}) == 201
@@ -1639,8 +1818,35 @@ def test_redis_keeps_the_history_bounded_and_client_ids_an_hour(cluster, redis_s
     for n in range(12):
         assert a.post({"body": f"m{n}", "client_id": f"k{n}"}).status == 201
     assert redis_server.cli("XLEN", "longpoll:messages") == "5"            # MAXLEN --history
-    ttl = int(redis_server.cli("TTL", "longpoll:client:k0"))
+    ttl = int(redis_server.cli("TTL", "longpoll:posted:k0"))
     assert storage.CLIENT_IDS_KEPT - 60 < ttl <= storage.CLIENT_IDS_KEPT == 3600
+    # A client_id keeps only the id: a copy of each message (up to 8 KB) for an hour would be more than the history.
+    assert redis_server.cli("GET", "longpoll:posted:k11") == str(a.cursor())
+    # A retry gets its original, from the stream while it is kept, else its id and what the retry sent.
+    again = a.post({"body": "m11", "client_id": "k11"})
+    assert again.status == 200 and again.json()["body"] == "m11" and again.json()["id"] == a.cursor()
+    trimmed = a.post({"body": "m0", "client_id": "k0"})
+    assert trimmed.status == 200 and trimmed.json()["body"] == "m0" and trimmed.json()["id"] == a.cursor() - 11
+    assert a.cursor() == int(redis_server.cli("GET", "longpoll:messages:last"))       # nothing more was posted
+
+
+def test_status_reports_a_full_redis_until_a_write_succeeds(cluster, redis_server):
+    a, = cluster(1)
+    redis_server.cli("CONFIG", "SET", "maxmemory", "1")      # full: every write refused, reads still answered
+    try:
+        assert a.post({"body": "refused"}).status == 503
+        # The reader goes on reading: an item someone else adds arrives, and still
+        # /status reports the failed write, not the reader's success.
+        redis_server.cli("CONFIG", "SET", "maxmemory", "0")
+        last = a.cursor()
+        redis_server.cli("XADD", "longpoll:messages", f"{last + 1}-0", "item", '{"nick":"x","body":"y","time":1}')
+        redis_server.cli("SET", "longpoll:messages:last", str(last + 1))
+        status = a.wait_for(lambda s: s["streams"]["chat"]["last_id"] == last + 1)
+        assert not status["storage"]["ok"] and "maxmemory" in status["storage"]["error"]
+        assert a.post({"body": "stored"}).status == 201
+        assert a.status()["storage"] == {"redis": a.status()["storage"]["redis"], "ok": True, "error": None}
+    finally:
+        redis_server.cli("CONFIG", "SET", "maxmemory", "0")
 
 
 def test_a_bad_redis_url_is_refused_clearly():
@@ -1660,9 +1866,14 @@ def test_the_redis_password_is_never_shown(start):
 def test_an_entry_written_to_redis_by_someone_else_is_skipped_as_a_gap(cluster, redis_server):
     a, b = cluster(2)
     old = a.post({"body": "before"}).json()
-    redis_server.cli("XADD", "longpoll:messages", f"{old['id'] + 1}-0", "item", "{not json")
-    redis_server.cli("SET", "longpoll:messages:last", str(old["id"] + 1))
+    foreign = ["item", "{not json"], ["item", "[1]"], ["other", "x"], ["item", '{"id": "pwn", "body": "own id"}']
+    for n, fields in enumerate(foreign, 1):
+        redis_server.cli("XADD", "longpoll:messages", f"{old['id'] + n}-0", *fields)
+    redis_server.cli("SET", "longpoll:messages:last", str(old["id"] + 4))
     new = b.post({"body": "after"}).json()
-    for srv in (a, b):                          # each reader went on past it
+    assert new["id"] == old["id"] + 5
+    for srv in (a, b):                          # each reader went on past them, and no entry set an id
         body = srv.get(f"/chat/updates?cursor={old['id']}").json()
-        assert body == {"messages": [new], "cursor": new["id"], "gap": True}
+        assert body == {"messages": [{"id": old["id"] + 4, "body": "own id"}, new], "cursor": new["id"], "gap": True}
+    for srv in (a, b):                          # each unusable entry was read once, not again and again
+        assert srv.stop().count("skipped Redis entry") == 3
