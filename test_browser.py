@@ -149,6 +149,27 @@ def test_nick_survives_a_reload_and_history_is_shown(chat_server, open_page):
     expect(page.locator("#messages .text")).to_have_text(["first", "second"])
 
 
+# As a page in a cross-site frame, or under strict privacy settings, finds it.
+STORAGE_BLOCKED = """
+Object.defineProperty(window, "localStorage", {get() {
+  throw new DOMException("The operation is insecure.", "SecurityError");
+}});
+"""
+
+
+def test_the_chat_works_where_site_storage_is_blocked(chat_server, new_context):
+    from playwright.sync_api import expect
+    page = new_context(STORAGE_BLOCKED).new_page()
+    page.goto(f"http://{chat_server.host}:{chat_server.port}/")
+    expect(page.locator("#state")).to_have_text("Live")
+    page.fill("#nick", "nobody stores me")
+    send(page, "posted all the same")
+    message = page.locator("#messages .message").last
+    expect(message.locator(".text")).to_have_text("posted all the same")
+    expect(message.locator(".nick")).to_have_text("nobody stores me")
+    expect(message).to_have_class(re.compile(r"\bmine\b"))     # the nick lasts for the visit
+
+
 def test_a_rejected_message_shows_why_and_stays_in_the_box(chat_server, open_page):
     from playwright.sync_api import expect
     page = open_page(f"http://{chat_server.host}:{chat_server.port}/")

@@ -8,8 +8,8 @@ const form = document.getElementById("compose");
 const notice = document.getElementById("notice");
 const KEEP = 500;   // messages kept on the page
 
-nick.value = localStorage.getItem("longpoll.nick") || "";
-nick.addEventListener("input", () => localStorage.setItem("longpoll.nick", nick.value.trim()));
+nick.value = recall("longpoll.nick") || "";
+nick.addEventListener("input", () => remember("longpoll.nick", nick.value.trim()));
 
 // URLs in the text become links; everything else is added as plain text.
 const URL_PATTERN = /https?:\/\/[^\s<>"]*[^\s<>"'.,;:!?)\]}]/g;

@@ -206,6 +206,25 @@ function longPoll(url, key, onBatch) {
   start();
 }
 
+// Site storage can be blocked (a cross-site frame, strict privacy settings),
+// and then every use of localStorage throws: what it would keep lasts for the visit.
+const keptForTheVisit = new Map();
+
+function recall(key) {
+  try {
+    return localStorage.getItem(key);
+  } catch (err) {
+    return keptForTheVisit.get(key) ?? null;
+  }
+}
+
+function remember(key, value) {
+  keptForTheVisit.set(key, value);
+  try {
+    localStorage.setItem(key, value);
+  } catch (err) { /* blocked: kept for the visit only */ }
+}
+
 // Call show(item) for each item; one that throws is logged and skipped.
 function each(items, show) {
   for (const item of items) {
