@@ -30,15 +30,16 @@ class Response:
 
 
 class Server:
-    """longpoll.py started as its own process on a free port."""
+    """longpoll.py started as its own process on a free port (run by a `prefix`
+    command, such as prlimit, if given)."""
 
-    def __init__(self, *flags):
+    def __init__(self, *flags, prefix=()):
         if not any(f.startswith("--feed") for f in flags):
             flags += ("--feeds", os.devnull)     # no feeds: nothing leaves the machine
         if "--db" not in flags:
             flags += ("--db", ":memory:")       # no file left in the repository
         self.proc = subprocess.Popen(
-            [sys.executable, "longpoll.py", "--port", "0", *flags], cwd=HERE,
+            [*prefix, sys.executable, "longpoll.py", "--port", "0", *flags], cwd=HERE,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.banner = self.proc.stdout.readline()
         match = re.search(r"http://([\d.]+):(\d+)/", self.banner)
@@ -104,8 +105,8 @@ def loopback(n):
 def start():
     started = []
 
-    def start_server(*flags):
-        started.append(Server(*flags))
+    def start_server(*flags, **kw):
+        started.append(Server(*flags, **kw))
         return started[-1]
     yield start_server
     for srv in started:

@@ -600,17 +600,30 @@ class Feed:
         self.etag = self.modified = None
         self.seen = None            # dedupe keys, oldest first; None until the first success
         self.failures = 0
+        self.note = None            # something to know beside ok and error (a damaged state dropped)
 
     def resume(self, saved):
-        """Take up what the last check stored (before a restart, or in another process)."""
-        if saved:
-            self.title, self.etag, self.modified, self.entries = (
-                saved["title"], saved["etag"], saved["modified"], saved["entries"])
-            self.seen = collections.OrderedDict.fromkeys(saved["seen"])
+        """Take up what the last check stored (before a restart, or in another process),
+        as JSON. A damaged state is dropped, and said so: the feed starts afresh,
+        its next fetch publishing only its newest few, as a first one does."""
+        if not saved:
+            return
+        try:
+            state = json.loads(saved)
+            title, etag, modified, entries, seen = (
+                state[k] for k in ("title", "etag", "modified", "entries", "seen"))
+            if not (isinstance(entries, int) and isinstance(seen, list)
+                    and all(isinstance(v, (str, type(None))) for v in (title, etag, modified))):
+                raise TypeError("wrong types")
+            self.seen = collections.OrderedDict.fromkeys(seen)
+        except (TypeError, ValueError, KeyError) as e:
+            self.note = f"its stored state was damaged ({type(e).__name__}), so it started afresh"
+            return
+        self.title, self.etag, self.modified, self.entries = title or self.title, etag, modified, entries
 
     def status(self):
         return {k: getattr(self, k) for k in
-                ("url", "title", "ok", "error", "last_checked", "next_check", "entries")}
+                ("url", "title", "ok", "error", "last_checked", "next_check", "entries", "note")}
 
     def run(self):
         while True:
@@ -630,6 +643,8 @@ class Feed:
                     store.hold(self.url, delay, self.status())
             except storage.StoreError as e:
                 self.ok, self.error, delay = False, f"cannot store entries: {e}", settings.feed_interval
+            except Exception as e:          # whatever it is, said in /status, and the thread goes on
+                self.ok, self.error, delay = False, f"{type(e).__name__}: {e}", settings.feed_interval
             self.next_check = time.time() + delay
             eventlet.sleep(delay)
 

@@ -53,8 +53,8 @@ end
 # Returns {first id} or, for a client_id already posted, {0, its id}.
 APPEND = COUNTER + """
 if KEYS[3] ~= '' then
-    local original = redis.call('GET', KEYS[3])
-    if original then return {0, tonumber(original)} end
+    local original = tonumber(redis.call('GET', KEYS[3]))     -- damaged: as if never posted
+    if original then return {0, original} end
 end
 local first = n + 1
 for i = 4, #ARGV do
@@ -195,10 +195,10 @@ class RedisStore:
     def posted(self, client_id, stream, fields):
         """The message first posted with this client_id (see item()), or None."""
         original = self.call(self.redis.get, PREFIX + "posted:" + client_id)
-        return original and self.item(stream, int(original), fields)
+        return original and original.isdigit() and self.item(stream, int(original), fields) or None
 
     def feed_state(self, url):
-        return json.loads(self.call(self.redis.get, PREFIX + "feed:" + url) or "null")
+        return self.call(self.redis.get, PREFIX + "feed:" + url)
 
     def lease(self, url, seconds):
         """Take the feed's lease for `seconds`: (0, None) if this process now holds it,
@@ -207,8 +207,13 @@ class RedisStore:
         if self.call(self.redis.set, key, "{}", nx=True, px=int(seconds * 1000), writes=True):
             return 0, None
         report, ms = self.call(self.redis.pipeline(transaction=False).get(key).pttl(key).execute)
+        try:
+            report = json.loads(report or "{}")
+            assert isinstance(report, dict)
+        except (ValueError, AssertionError):
+            report = {"ok": False, "error": f"the lease key {key} in Redis is damaged; delete it"}
         # Never 0, which would mean ours: a lease that ended just now is tried again shortly.
-        return max(ms, 10) / 1000, json.loads(report or "{}")
+        return max(ms, 10) / 1000, report
 
     def hold(self, url, seconds, report):
         """Keep the feed's lease `seconds` more, telling the other processes how the check went."""

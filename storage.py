@@ -12,7 +12,9 @@ sharing.RedisStore is the same interface on Redis, for several processes.
 """
 
 import json
+import os
 import sqlite3
+import sys
 import time
 
 SCHEMA_VERSION = 2
@@ -79,7 +81,7 @@ class Store:
             self.migrate()
             self.db.execute("COMMIT")
         except sqlite3.Error as e:
-            raise StoreError(explain(e)) from None
+            raise StoreError(explain(e, path)) from None
 
     def migrate(self):
         if self.db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
@@ -95,16 +97,33 @@ class Store:
             self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def load(self, stream):
-        """(the newest kept items of a stream, oldest first; its last id), at start."""
+        """(the newest kept items of a stream, oldest first; its last id), at start.
+        Damaged contents are reported, and the rest is served: a row that is not
+        an item is left out, and a last id that is not a number goes on from the clock."""
         row = self.db.execute("SELECT last_id FROM streams WHERE stream = ?", (stream,)).fetchone()
-        if row is None:
+        if row is None or not isinstance(row[0], int):
+            if row is not None:
+                self.warn(f"the last id of {stream} is damaged ({row[0]!r}); ids go on from the clock")
             row = (clock_id() - 1,)
-            self.transaction(lambda: self.db.execute("INSERT INTO streams VALUES (?, ?)", (stream, row[0])))
+            self.transaction(lambda: self.db.execute("INSERT OR REPLACE INTO streams VALUES (?, ?)",
+                                                     (stream, row[0])))
         self.last_ids[stream] = row[0]
         rows = self.db.execute(
-            "SELECT item FROM (SELECT id, item FROM items WHERE stream = ? ORDER BY id DESC LIMIT ?)"
+            "SELECT id, item FROM (SELECT id, item FROM items WHERE stream = ? ORDER BY id DESC LIMIT ?)"
             " ORDER BY id", (stream, self.history))
-        return [json.loads(item) for item, in rows], row[0]
+        items = []
+        for item_id, text in rows:
+            try:
+                if not isinstance(item_id, int):
+                    raise TypeError("not an id")
+                items.append({**json.loads(text), "id": item_id})   # ** refuses JSON that is not an object
+            except (TypeError, ValueError):
+                self.warn(f"left out a damaged item of {stream} (row id {item_id!r})")
+        return items, row[0]
+
+    def warn(self, what):
+        print(f"longpoll: --db {self.path}: {what}; delete the row, or move the file away to start afresh",
+              file=sys.stderr, flush=True)
 
     def append(self, stream, batch, client_id=None, feed=None):
         """Give each item (a dict of fields) the next id and store it, with the
@@ -148,7 +167,7 @@ class Store:
         except sqlite3.Error as e:
             if self.db.in_transaction:
                 self.db.execute("ROLLBACK")
-            self.error = explain(e)
+            self.error = explain(e, self.path)
             raise StoreError(self.error) from None
 
     def issued(self, stream, cursor):
@@ -165,8 +184,9 @@ class Store:
         return row and json.loads(row[0])
 
     def feed_state(self, url):
+        """What the last check of a feed stored (see Feed.resume(), which copes with damage)."""
         row = self.db.execute("SELECT state FROM feeds WHERE url = ?", (url,)).fetchone()
-        return row and json.loads(row[0])
+        return row and row[0]
 
     def start(self):
         """Nothing to follow: every item here was published by this process."""
@@ -185,17 +205,24 @@ class Store:
         self.db.close()
 
 
-def explain(error):
+def explain(error, path):
     """What a SQLite error means for someone running longpoll."""
     text = str(error)
+    try:
+        disk = os.statvfs(os.path.dirname(os.path.abspath(path)))
+    except OSError:
+        disk = None
     if "locked" in text:
         return "another copy of longpoll is using this file; one process owns a database"
     if "not a database" in text or "malformed" in text:
         return "not a longpoll database, or damaged: move it away to start afresh"
     if "unable to open" in text:
         return "cannot create or open the file: does its folder exist, and may we write there?"
+    if disk and disk.f_flag & os.ST_RDONLY:
+        return f"cannot write: {text} (the file system is mounted read-only)"
     if "readonly" in text:
         return "the file cannot be written (read-only?)"
     if "full" in text or "I/O" in text:
-        return f"cannot write: {text} (is the disk full?)"
+        why = "the disk is full" if disk and disk.f_bavail == 0 else "is the disk full, or a file size limit reached?"
+        return f"cannot write: {text} ({why})"
     return text

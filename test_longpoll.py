@@ -1498,7 +1498,63 @@ def test_feed_entries_that_could_not_be_stored_are_retried(feeds, tmp_path, monk
     _, entries = published_by(f.check)
     assert "If-None-Match" not in feeds.requests[-1]                         # fetched in full again
     assert [e["title"] for e in entries] == ["Entry 1", "Entry 2", "Entry 3"]
-    assert store.feed_state(f.url)["seen"] == ["urn:e1", "urn:e2", "urn:e3"]
+    assert json.loads(store.feed_state(f.url))["seen"] == ["urn:e1", "urn:e2", "urn:e3"]
+
+
+def test_on_a_full_disk_it_starts_and_serves_the_history_and_says_why_posts_fail(start, tmp_path):
+    db = str(tmp_path / "chat.db")
+    srv = start("--db", db)
+    srv.post({"body": "said before the disk filled"})
+    srv.stop()
+    # From its start, writing past a file's end fails, as on a full disk.
+    srv = start("--db", db, prefix=["prlimit", "--fsize=0:unlimited"])
+    assert [m["body"] for m in srv.get("/chat/updates").json()["messages"]] == ["said before the disk filled"]
+    refused = srv.post({"body": "no room"})
+    assert refused.status == 503 and "store" in refused.json()["error"]
+    storage_status = srv.status()["storage"]
+    assert not storage_status["ok"] and "file size limit" in storage_status["error"]
+    assert "Traceback" not in srv.stop()
+
+
+def test_damaged_rows_are_reported_in_a_line_each_and_the_rest_is_served(start, tmp_path):
+    feeds = FeedServer()
+    try:
+        url = feeds.feed("/f.xml", atom(numbered(1, 2)))
+        db = tmp_path / "chat.db"
+        srv = start("--db", str(db), "--feed", url)
+        ids = [srv.post({"body": f"m{n}"}).json()["id"] for n in range(4)]
+        srv.wait_for(lambda s: s["feeds"][0]["entries"] == 2)
+        srv.stop()
+        conn = sqlite3.connect(db)
+        with conn:
+            conn.execute("UPDATE items SET item = '{not json' WHERE id = ?", (ids[1],))
+            conn.execute("UPDATE items SET item = '[1, 2]' WHERE id = ?", (ids[2],))
+            conn.execute("UPDATE streams SET last_id = 'pwn' WHERE stream = 'entries'")
+            conn.execute("UPDATE feeds SET state = '{\"seen\": 5}'")
+        conn.close()
+        feeds.feed("/f.xml", atom(numbered(1, 3)))
+        srv = start("--db", str(db), "--feed", url)
+        assert [m["body"] for m in srv.get("/chat/updates").json()["messages"]] == ["m0", "m3"]
+        assert srv.post({"body": "still posting"}).json()["id"] == ids[-1] + 1
+        feed = srv.wait_for(lambda s: s["feeds"][0]["last_checked"])["feeds"][0]
+        assert feed["ok"] and "damaged" in feed["note"] and "afresh" in feed["note"]
+        assert isinstance(srv.cursor("feed"), int)
+        err = srv.stop()
+        assert "Traceback" not in err
+        damage = [line for line in err.splitlines() if "damaged" in line]
+        assert len(damage) == 3 and all("move the file away" in line for line in damage), err
+    finally:
+        feeds.close()
+
+
+def test_why_a_write_failed_is_told_from_the_file_system(tmp_path, monkeypatch):
+    error = sqlite3.OperationalError("disk I/O error")
+    stat = os.statvfs(tmp_path)
+    fields = {k: getattr(stat, k) for k in dir(stat) if k.startswith("f_")}
+    monkeypatch.setattr(os, "statvfs", lambda path: type("S", (), {**fields, "f_flag": os.ST_RDONLY})())
+    assert "mounted read-only" in storage.explain(error, str(tmp_path / "x.db"))
+    monkeypatch.setattr(os, "statvfs", lambda path: type("S", (), {**fields, "f_flag": 0, "f_bavail": 0})())
+    assert "the disk is full" in storage.explain(error, str(tmp_path / "x.db"))
 
 
 # -- The minimal version and the asyncio Stream (examples/) ----------------------
@@ -1828,6 +1884,24 @@ def test_redis_keeps_the_history_bounded_and_client_ids_an_hour(cluster, redis_s
     trimmed = a.post({"body": "m0", "client_id": "k0"})
     assert trimmed.status == 200 and trimmed.json()["body"] == "m0" and trimmed.json()["id"] == a.cursor() - 11
     assert a.cursor() == int(redis_server.cli("GET", "longpoll:messages:last"))       # nothing more was posted
+
+
+def test_damaged_redis_keys_are_reported_not_fatal(cluster, redis_server):
+    feeds = FeedServer()
+    try:
+        url = feeds.feed("/f.xml", atom(numbered(1, 2)))
+        redis_server.cli("SET", f"longpoll:lease:{url}", "{garbage", "PX", "1500")
+        redis_server.cli("SET", "longpoll:posted:k1", "garbage")
+        redis_server.cli("SET", f"longpoll:feed:{url}", "[]")
+        a, = cluster(1, "--feed", url)
+        a.wait_for(lambda s: "lease key" in (s["feeds"][0]["error"] or ""))
+        # The lease runs out; this process takes the feed over, from a fresh state.
+        feed = a.wait_for(lambda s: s["feeds"][0]["entries"] == 2)["feeds"][0]
+        assert feed["ok"] and "afresh" in feed["note"]
+        assert a.post({"body": "posted", "client_id": "k1"}).status == 201     # as if never posted
+        assert "Traceback" not in a.stop()
+    finally:
+        feeds.close()
 
 
 def test_status_reports_a_full_redis_until_a_write_succeeds(cluster, redis_server):
