@@ -553,6 +553,7 @@ store = None        # main() opens the --db, or --redis
 @app.post("/chat/messages")
 def post_message():
     data = json_body()
+    bottle.response.content_type = "application/json"   # for the message's own JSON, in UTF-8
     body = text_field(data, "body", MAX_MESSAGE_CHARS, allowed="\n\t", required=True)
     nick = text_field(data, "nick", MAX_NICK_CHARS, refused=BIDI_CONTROLS) or "anonymous"
     client_id = text_field(data, "client_id", MAX_CLIENT_ID_CHARS)
@@ -560,7 +561,7 @@ def post_message():
         message = {"nick": nick, "body": body, "time": time.time()}
         original = client_id and store.posted(client_id, streams["chat"].key, message)
         if original:
-            return original                     # a retry whose first answer was lost
+            return json_bytes(original)         # a retry whose first answer was lost
         wait = posting.take(client_address(), settings.post_rate, settings.post_burst)
         if wait:
             wait = math.ceil(wait)
@@ -570,7 +571,7 @@ def post_message():
         fail(503, "the server cannot store messages right now; try again shortly", Retry_After="10")
     # 200 for a copy that raced its original (to another process, say): posted once.
     bottle.response.status = 201 if new else 200
-    return message
+    return json_bytes(message)
 
 
 # -- The feed poller ----------------------------------------------------------

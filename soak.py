@@ -7,7 +7,12 @@ It starts longpoll.py on a free loopback port and runs, in green threads:
     connection mid-poll now and then and coming back with their cursor;
   - posters (each from its own 127.0.0.x address) that post with a client_id
     and sometimes hang up before the answer, then retry with the same id;
-  - vandals: polls abandoned mid-wait, requests never finished, bad input.
+  - vandals: polls abandoned mid-wait, requests never finished, bad input;
+  - hostile clients: requests sent a byte a second (each must be cut off at
+    --client-timeout), clients that ask for the history and never read it,
+    history floods (a tight loop of polls without a cursor), and chunked or
+    ambiguous bodies (a 4xx each). Some posts are 2,000 emoji long, so the
+    history answers are as large as they can be.
 At the end every poller must have seen every posted message exactly once.
 With --processes N, N processes share a Redis of the soak's own, and every
 request goes to one of them at random, as through a balancer without stickiness.
@@ -43,6 +48,7 @@ class Soak:
         self.posted = {}                # message id -> client_id
         self.errors = []
         self.retries = self.bad_requests = self.vanished = 0
+        self.hostile_done = {"slow": 0, "non-readers": 0, "history polls": 0, "bad framing": 0}
 
     def address(self):
         """A process to send a request to: any of them, as a balancer without stickiness would."""
@@ -89,7 +95,8 @@ class Soak:
     def poster(self, address, per_second):
         while time.monotonic() < self.end:
             eventlet.sleep(random.expovariate(per_second))
-            message = json.dumps({"nick": address, "body": f"soak {uuid.uuid4()}", "client_id": uuid.uuid4().hex})
+            text = f"soak {uuid.uuid4()}" + (" " + "\N{GRINNING FACE}" * 1950 if random.random() < 0.1 else "")
+            message = json.dumps({"nick": address, "body": text, "client_id": uuid.uuid4().hex})
             for attempt in range(10):
                 try:
                     conn = self.connection(address, timeout=10)
@@ -136,6 +143,50 @@ class Soak:
                 self.error(f"vandal failed: {e!r}")
 
 
+    def hostile(self, n, client_timeout):
+        """One hostile client at a time, from its own address, until the end."""
+        source = f"127.0.2.{n + 1}"
+        while time.monotonic() < self.end:
+            kind = random.choice(list(self.hostile_done))
+            try:
+                sock = socket.create_connection(self.address(), source_address=(source, 0))
+                if kind == "slow":              # a byte a second, each well inside a per-read timeout
+                    started = time.monotonic()
+                    request = b"GET /chat/updates HTTP/1.1\r\nHost: localhost\r\n\r\n"
+                    try:
+                        for byte in request:
+                            sock.sendall(bytes([byte]))
+                            eventlet.sleep(1)
+                        self.error("a slow request was sent whole")
+                    except OSError:
+                        pass                    # cut off, as it must be
+                    if time.monotonic() - started > client_timeout + 3:
+                        self.error(f"a slow request held its connection {time.monotonic() - started:.0f} s")
+                elif kind == "non-readers":     # ask for the history, never read it, hang up later
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                    sock.sendall(b"GET /chat/updates HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                    eventlet.sleep(random.random() * 10)
+                elif kind == "history polls":   # a tight loop of history answers, read whole
+                    conn = self.connection(source)
+                    for _ in range(50):
+                        conn.request("GET", "/chat/updates")
+                        conn.getresponse().read()
+                    conn.close()
+                else:
+                    sock.sendall(random.choice([
+                        b"POST /chat/messages HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
+                        + b"f" * 100_000,
+                        b"POST /chat/messages HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n"
+                        b"Content-Length: 9\r\n\r\n{}"]))
+                    status = sock.recv(100)[9:12]
+                    if not status.startswith(b"4"):
+                        self.error(f"bad framing answered {status!r}")
+                self.hostile_done[kind] += 1
+                sock.close()
+            except (OSError, http_client.HTTPException) as e:
+                self.error(f"hostile {kind} failed: {e!r}")
+
+
 def main():
     p = argparse.ArgumentParser(description="Soak test of longpoll.py with faults.")
     p.add_argument("--minutes", type=float, default=10, help="how long to run (default: 10)")
@@ -159,6 +210,7 @@ def main():
     pollers = [eventlet.spawn(soak.poller, fickle=n % 3 == 0) for n in range(args.pollers)]
     posters = [eventlet.spawn(soak.poster, f"127.0.1.{n + 1}", args.rate) for n in range(args.posters)]
     vandals = [eventlet.spawn(soak.vandal) for _ in range(5)]
+    vandals += [eventlet.spawn(soak.hostile, n, 5) for n in range(20)]
     print(f"{'minute':>6} {'RSS MB':>7} {'posted':>7} {'errors':>6}", flush=True)
     memory, started = [], time.monotonic()
     while time.monotonic() < soak.end:
@@ -182,7 +234,7 @@ def main():
     out_of_order = sum(v != sorted(v) for v in views)
     print(f"\n{args.minutes:g} min, {args.pollers} pollers, {args.posters} posters: {len(expected)} messages posted "
           f"({soak.retries} retried after a lost answer), {soak.vanished} polls dropped mid-wait, "
-          f"{soak.bad_requests} bad requests.")
+          f"{soak.bad_requests} bad requests; hostile: " + ", ".join(f"{n} {k}" for k, n in soak.hostile_done.items()) + ".")
     print(f"lost {lost}, duplicated {duplicated}, out of order {out_of_order}, errors {len(soak.errors)}; "
           f"RSS {memory[0]:.1f} MB after the first minute, {max(memory):.1f} MB at most, "
           f"{memory[-1]:.1f} MB at the end.")
