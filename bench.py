@@ -192,6 +192,11 @@ def fan_out(apps, n, rounds):
 
     def total(measure):
         return sum(measure(a) for a in apps)
+
+    def full_collections():
+        """Generation-2 garbage collections so far in the servers that tell (/status), or None."""
+        counts = [a.status().get("collections") for a in apps]
+        return None if None in counts else sum(c[2] for c in counts)
     idle_rss, idle_vm = total(App.rss), total(App.address_space)
     clients = connect(apps, n)
     sel = selectors.DefaultSelector()
@@ -200,6 +205,7 @@ def fan_out(apps, n, rounds):
     results = []
     for _ in range(rounds):
         cursor = app.status()["streams"]["chat"]["last_id"]
+        gc_before, cpu_before = full_collections(), total(App.cpu)
         parking = time.perf_counter()
         for c in clients:
             c.answered_at = None
@@ -210,6 +216,7 @@ def fan_out(apps, n, rounds):
         park_s = time.perf_counter() - parking
         early = sum(1 for key, _ in sel.select(timeout=0.2))   # anything answered before the post is wrong
         parked_rss, parked_vm = total(App.rss), total(App.address_space)
+        gc_parked, cpu_parked = full_collections(), total(App.cpu)
         start = time.perf_counter()
         status, message = app.request("POST", "/chat/messages", {"nick": "bench", "body": "fan-out"})
         post_ms = (time.perf_counter() - start) * 1000
@@ -224,19 +231,25 @@ def fan_out(apps, n, rounds):
                     if json.loads(c.body)["messages"] != [message]:
                         errors += 1
         errors += waiting
+        # CPU per client: user + system time of the server processes over the
+        # phase, which a busy box moves far less than it moves latencies.
+        cpu_answered, gc_answered = total(App.cpu), full_collections()
         latencies = [(c.answered_at - start) * 1000 for c in clients if c.answered_at]
         results.append({
             "p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99),
             "max_ms": max(latencies), "post_ms": post_ms, "errors": errors, "park_s": park_s,
             "kb_per_client": (parked_rss - idle_rss) / n / 1024,
-            "vm_kb_per_client": (parked_vm - idle_vm) / n / 1024})
+            "vm_kb_per_client": (parked_vm - idle_vm) / n / 1024,
+            "park_cpu_us": (cpu_parked - cpu_before) / n * 1e6, "answer_cpu_us": (cpu_answered - cpu_parked) / n * 1e6,
+            "full_gc_parking": None if gc_before is None else gc_parked - gc_before,
+            "full_gc_fan_out": None if gc_before is None else gc_answered - gc_parked})
     for c in clients:
         c.sock.close()
     sel.close()
     for a in apps:
         a.wait_until(lambda s: s["waiting"] == 0, 60, "clients to leave")
     return {"clients": n, "processes": len(apps), "rounds": results,
-            **{k: statistics.median(r[k] for r in results) for k in results[0]},
+            **{k: statistics.median(r[k] for r in results) for k in results[0] if results[0][k] is not None},
             "errors": sum(r["errors"] for r in results)}
 
 
@@ -460,12 +473,16 @@ def compare(sizes, rounds, json_file):
                   f"{r['kb_per_client']:.1f} KB/client, errors {r['errors']}", flush=True)
     print(f"\nMachine: {os.cpu_count()} cores, {platform()}; server and load generator on the same box.\n")
     print("| server | parked clients | memory per parked client (resident) | address space reserved "
-          "per parked client | time to park them all | fan-out p50 | fan-out p99 | errors |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+          "per parked client | time to park them all | server CPU to park one | server CPU to answer one "
+          "| full collections parking / fanning out | fan-out p50 | fan-out p99 | the POST | errors |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
+        gc_counts = ("n/a" if r["rounds"][0]["full_gc_parking"] is None else
+                     f"{sum(x['full_gc_parking'] for x in r['rounds'])} / {sum(x['full_gc_fan_out'] for x in r['rounds'])}")
         print(f"| {r['server']} | {r['clients']:,} | {r['kb_per_client']:.1f} KB | "
-              f"{r['vm_kb_per_client']:,.0f} KB | {r['park_s']:.1f} s | {r['p50_ms']:,.0f} ms | "
-              f"{r['p99_ms']:,.0f} ms | {r['errors']} |")
+              f"{r['vm_kb_per_client']:,.0f} KB | {r['park_s']:.1f} s | {r['park_cpu_us']:.0f} µs | "
+              f"{r['answer_cpu_us']:.0f} µs | {gc_counts} | {r['p50_ms']:,.0f} ms | "
+              f"{r['p99_ms']:,.0f} ms | {r['post_ms']:.1f} ms | {r['errors']} |")
     if json_file:
         Path(json_file).write_text(json.dumps({"machine": platform(), "compare": rows}, indent=2))
 

@@ -7,6 +7,7 @@ Run with: python -m pytest test_longpoll.py
 import longpoll  # first: it monkey-patches before anything imports socket or threading
 
 import collections
+import gc
 import gzip
 import http.client
 import itertools
@@ -282,6 +283,49 @@ def test_bottle_request_is_per_green_thread():
         return bottle.request.path
     threads = [eventlet.spawn(handle, f"/{n}") for n in range(5)]
     assert [t.wait() for t in threads] == [f"/{n}" for n in range(5)]
+
+
+def test_requests_leave_no_garbage_cycles(monkeypatch):
+    # Each closed connection, refused request or rendered page used to leave a
+    # cycle, freed only by a full collection over every parked client's objects.
+    monkeypatch.setattr(longpoll, "settings", longpoll.parse_args(["--poll-timeout", "0.05", "--post-burst", "1000"]))
+    monkeypatch.setattr(longpoll.settings, "loopback_only", True, raising=False)
+    store = storage.Store(":memory:", 10)
+    monkeypatch.setattr(longpoll, "store", store)
+    monkeypatch.setattr(longpoll, "posting", longpoll.TokenBucket())
+    monkeypatch.setattr(longpoll, "streams", longpoll.open_streams(store, 10))
+    listener = eventlet.listen(("127.0.0.1", 0))
+    server = eventlet.spawn(eventlet.wsgi.server, listener, longpoll.app, protocol=longpoll.Protocol,
+                            log_output=False, debug=False, socket_timeout=5, keepalive=5)
+    post = json.dumps({"body": "hi"}).encode()
+    # (request line, headers beyond Host, body): answered, refused, paged, posted.
+    requests = [(b"GET /status", b"", b""), (b"GET /chat/updates", b"", b""),
+                (b"GET /chat/updates?cursor={cursor}", b"", b""), (b"GET /nowhere", b"", b""),
+                (b"GET /chat/updates?cursor=x", b"", b""), (b"GET /", b"", b""),
+                (b"GET /static/poll.js", b"", b""), (b"DELETE /status", b"", b""),
+                (b"POST /chat/messages", b"", b""),
+                (b"POST /chat/messages", b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(post), post)]
+
+    def send_all():
+        for line, headers, body in requests:
+            line = line.replace(b"{cursor}", str(longpoll.streams["chat"].last_id).encode())
+            with socket.create_connection(listener.getsockname()) as sock:
+                sock.sendall(line + b" HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n" + headers
+                             + b"\r\n" + body)
+                while sock.recv(65536):
+                    pass
+    try:
+        send_all()                  # once first: caches and lazily made objects are made
+        gc.collect()
+        gc.disable()
+        for _ in range(10):
+            send_all()
+        eventlet.sleep(0.1)         # the server's green threads have finished with each connection
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
+        server.kill()
+        listener.close()
 
 
 def test_no_global_socket_timeout():
