@@ -217,6 +217,7 @@ class Stream:
         self.items = collections.deque(maxlen=history)
         self.encoded = collections.OrderedDict()    # id -> that item's JSON, encoded once for every answer
         self.answers = {}                           # answers given since the last publish, by what they hold
+        self.pages = {}                             # since()'s results since the last publish, by cursor
         self.keep(items)
         self.event = eventlet.Event()
         self.waiting = 0
@@ -249,6 +250,7 @@ class Stream:
     def keep(self, items):
         self.items.extend(items)
         self.answers.clear()
+        self.pages.clear()
         for item in items:
             self.encoded[item["id"]] = json_bytes(item)
         while len(self.encoded) > len(self.items):
@@ -265,8 +267,19 @@ class Stream:
                 # Issued elsewhere and on its way: wait for what follows. Or the
                 # store had lost it and gave a new id past it: told of the gap.
                 return [], issued, issued != cursor
-        if cursor is None or cursor > self.last_id:
-            # No cursor, or one never issued: start over from the newest kept items.
+        if cursor is not None and cursor > self.last_id:
+            cursor = None       # never issued: start over, as without a cursor
+        # The thousands of polls a publish wakes ask with the same cursor: the
+        # page is worked out once for all of them (they only read it).
+        if cursor not in self.pages:
+            if len(self.pages) >= 64:
+                self.pages.clear()          # clients asking with every cursor there is cannot grow it
+            self.pages[cursor] = self.page(cursor)
+        return self.pages[cursor]
+
+    def page(self, cursor):
+        if cursor is None:
+            # No cursor: start over from the newest kept items.
             newest = self.fitting(reversed(self.items))
             return list(itertools.islice(self.items, len(self.items) - newest, None)), self.last_id, False
         first = self.last_id - len(self.items) + 1    # oldest id still kept
@@ -382,16 +395,22 @@ def no_store():
 
 @app.hook("before_request")
 def front_door():
+    environ = bottle.request.environ    # read once: each bottle.request.x is a green-thread-local lookup
     # A request without a body has been read whole: --client-timeout is over
     # for it (a parked poll is not a slow request). json_body() ends it for the others.
-    if bottle.request.content_length <= 0:
-        bottle.request.environ["longpoll.request_read"]()
+    if int(environ.get("CONTENT_LENGTH") or 0) == 0:
+        environ["longpoll.request_read"]()
     # DNS rebinding: a page of evil.example whose name then resolves to 127.0.0.1
     # is, to the browser, same-origin with a server listening on loopback. Its
     # requests still name evil.example in Host, which a loopback server refuses.
-    host = urllib.parse.urlsplit("//" + bottle.request.get_header("Host", "localhost")).hostname or ""
+    host = host_name(environ.get("HTTP_HOST", "localhost"))
     if settings.loopback_only and not (host in settings.allow_host or is_loopback(host)):
         fail(400, f"this server answers only for localhost; start it with --allow-host {host} to serve that name")
+
+
+@functools.lru_cache(maxsize=256)       # a few names, asked on every request
+def host_name(host_header):
+    return urllib.parse.urlsplit("//" + host_header).hostname or ""
 
 
 @app.hook("after_request")
@@ -451,9 +470,10 @@ def from_trusted_proxy():
 def client_address():
     """The client's address as limits count it: a trusted proxy's X-Forwarded-For is
     believed, nobody else's."""
-    addr = bottle.request.environ.get("REMOTE_ADDR", "")
-    if from_trusted_proxy():
-        hops = [h.strip() for h in bottle.request.get_header("X-Forwarded-For", "").split(",")]
+    environ = bottle.request.environ
+    addr = environ.get("REMOTE_ADDR", "")
+    if addr in settings.trusted_proxy:
+        hops = [h.strip() for h in environ.get("HTTP_X_FORWARDED_FOR", "").split(",")]
         # The rightmost hop no trusted proxy added.
         addr = next((h for h in reversed(hops) if h and h not in settings.trusted_proxy), addr)
     return address_key(addr)
