@@ -10,7 +10,8 @@ How a posted message reaches a waiting browser is told once, in
 docs/walkthrough.md: post_message(), Stream.add(), Stream.wait() and updates().
 
 The file reads top to bottom: configuration, the stream and the registry of
-streams, HTTP helpers, the chat routes, the feed poller, status and pages, main().
+streams, HTTP helpers, the chat routes, the feed poller, status and pages, the
+front door (eventlet's HTTP server, hardened against hostile clients), main().
 """
 
 # eventlet says on import that it is in bugfix-only maintenance; the README
@@ -896,7 +897,7 @@ def static(path):
 
 bottle.TEMPLATE_PATH[:] = [str(HERE / "views")]
 
-# -- main() -------------------------------------------------------------------
+# -- The front door and main() ------------------------------------------------
 
 
 class SlowRequest(Exception):
