@@ -1026,8 +1026,8 @@ def rss_of(srv):
 
 def test_thousands_of_abandoned_polls_cost_nothing_after_the_timeout(start):
     srv = start("--poll-timeout", "8")
-    rss = []
-    for wave in range(3):
+    idle, rss = rss_of(srv), []
+    for wave in range(4):
         cursor = srv.cursor()
         socks = []
         for i in range(5000):
@@ -1039,9 +1039,11 @@ def test_thousands_of_abandoned_polls_cost_nothing_after_the_timeout(start):
             sock.close()                        # gone without a word
         srv.wait_for(lambda s: s["waiting"] == 0, timeout=30)
         rss.append(rss_of(srv))
-    # Python keeps freed memory for reuse, so the first wave sets the level;
-    # later waves must not add to it.
-    assert rss[2] <= rss[0] * 1.05, rss
+    # Python keeps freed memory for reuse, and its arenas fragment: the level
+    # settles by the second wave (measured: +4 to +18 MB for it, of about 95 MB
+    # the first took). A poll that held on to what it parked with would add
+    # the whole first wave again with each of the next two.
+    assert rss[3] - rss[1] < (rss[0] - idle) / 10, (idle, rss)
 
 
 def raw_request(srv, data, timeout=5):
