@@ -781,7 +781,7 @@ def test_a_chat_broadcast_reaches_only_the_chat_tabs(start, tabs):
 def test_a_frozen_leader_is_taken_over_by_a_visible_tab(start, tabs):
     from playwright.sync_api import expect
     srv = start("--poll-timeout", "2")
-    chats = tabs(f"http://127.0.0.1:{srv.port}", ["/"] * 3)
+    chats = tabs(f"http://127.0.0.1:{srv.port}", ["/"] * 3, ROLES)
     [leader] = leaders(chats)
     followers = [p for p in chats if p is not leader]
     # Frozen as a background tab is: no script runs, and it keeps its lock.
@@ -798,6 +798,13 @@ def test_a_frozen_leader_is_taken_over_by_a_visible_tab(start, tabs):
     for page in chats:
         expect(page.locator("#messages .text")).to_have_text(
             ["while the leader is frozen", "after it woke"], timeout=5000)
+    # Two of the new leader's empty polls later, the woken tab still follows:
+    # silent while frozen, it must not take the lock straight back.
+    [new_leader] = leaders(followers)
+    answered = []
+    new_leader.on("response", lambda r: answered.append(r) if "/chat/updates?cursor=" in r.url else None)
+    dispatched(new_leader, lambda: len(answered) >= 2, timeout=15)
+    assert leader.evaluate("window.roles") == ["follower", "leader", "follower"]
 
 
 def test_without_web_locks_only_visible_tabs_poll(start, tabs):

@@ -163,6 +163,7 @@ function longPoll(url, key, onBatch) {
     }).catch(() => { /* taken from us, or our request withdrawn */ }).finally(() => {
       if (term !== mine) return;            // withdrawn for a newer request
       leading = false;                      // taken from us (we were frozen): follow again
+      heard = Date.now();                   // else, silent while frozen, we would steal it straight back
       state.dataset.role = "follower";
       term += 1;
       if (inFlight) inFlight.abort();
