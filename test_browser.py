@@ -142,11 +142,27 @@ def test_nick_survives_a_reload_and_history_is_shown(chat_server, open_page):
     page = open_page(f"http://{chat_server.host}:{chat_server.port}/")
     page.fill("#nick", "grace")
     send(page, "first")
-    send(page, "second")
-    expect(page.locator("#messages .message")).to_have_count(2)
+    send(page, "second")          # typed at once after the first: posted after it, shown after it
+    expect(page.locator("#messages .text")).to_have_text(["first", "second"])
     page.reload()
     expect(page.locator("#nick")).to_have_value("grace")
     expect(page.locator("#messages .text")).to_have_text(["first", "second"])
+
+
+def test_messages_typed_in_a_row_are_posted_and_shown_in_that_order(chat_server, open_page):
+    from playwright.sync_api import expect
+    page = open_page(f"http://{chat_server.host}:{chat_server.port}/")
+    expect(page.locator("#state")).to_have_text("Live")
+    held = []                   # the first post is held on its way; any later one goes on at once
+    page.route("**/chat/messages", lambda route: route.continue_() if held else held.append(route))
+    send(page, "first")
+    send(page, "second")
+    dispatched(page, lambda: held)
+    # Time for a second post sent at once to overtake the first (it must not be sent yet).
+    page.wait_for_timeout(300)
+    held[0].continue_()
+    expect(page.locator("#messages .text")).to_have_text(["first", "second"])
+    expect(page.locator("#notice")).to_be_hidden()
 
 
 # As a page in a cross-site frame, or under strict privacy settings, finds it.

@@ -93,6 +93,10 @@ async function post(text) {
   }
 }
 
+// Messages typed one after another are posted one after another: sent at
+// once, the second could reach the server first and be shown above the first.
+let posting = Promise.resolve(null);
+
 form.addEventListener("submit", async event => {
   event.preventDefault();
   const text = body.value;
@@ -100,7 +104,7 @@ form.addEventListener("submit", async event => {
   body.value = "";
   fit();
   say("");
-  const problem = await post(text);
+  const problem = await (posting = posting.then(() => post(text)));
   if (problem) {
     if (!body.value) { body.value = text; fit(); }
     say(problem);
