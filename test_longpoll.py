@@ -1936,13 +1936,14 @@ def test_damaged_redis_keys_are_reported_not_fatal(cluster, redis_server):
     feeds = FeedServer()
     try:
         url = feeds.feed("/f.xml", atom(numbered(1, 2)))
-        redis_server.cli("SET", f"longpoll:lease:{url}", "{garbage", "PX", "1500")
+        # Long enough to be seen by a process starting on a busy box; then it runs out.
+        redis_server.cli("SET", f"longpoll:lease:{url}", "{garbage", "PX", "8000")
         redis_server.cli("SET", "longpoll:posted:k1", "garbage")
         redis_server.cli("SET", f"longpoll:feed:{url}", "[]")
         a, = cluster(1, "--feed", url)
         a.wait_for(lambda s: "lease key" in (s["feeds"][0]["error"] or ""))
         # The lease runs out; this process takes the feed over, from a fresh state.
-        feed = a.wait_for(lambda s: s["feeds"][0]["entries"] == 2)["feeds"][0]
+        feed = a.wait_for(lambda s: s["feeds"][0]["entries"] == 2, timeout=20)["feeds"][0]
         assert feed["ok"] and "afresh" in feed["note"]
         assert a.post({"body": "posted", "client_id": "k1"}).status == 201     # as if never posted
         assert "Traceback" not in a.stop()
