@@ -926,14 +926,15 @@ class Protocol(eventlet.wsgi.HttpProtocol):
         # answer never read), one address may not hold them all. A trusted
         # proxy carries everyone's; its clients are limited by X-Forwarded-For.
         address = address_key(self.client_address[0])
-        if address not in settings.trusted_proxy:
+        counted = address not in settings.trusted_proxy
+        if counted:
             if self.open_by_address[address] >= settings.connections_per_address:
                 return                              # finish() closes it, unread
             self.open_by_address[address] += 1
         try:
             super().handle()
         finally:
-            if address not in settings.trusted_proxy:
+            if counted:
                 self.open_by_address[address] -= 1
                 if not self.open_by_address[address]:
                     del self.open_by_address[address]
