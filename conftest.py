@@ -176,6 +176,13 @@ def atom(entries, title="Fixture Atom"):
             f"<updated>2026-11-28T10:00:00Z</updated>{body}</feed>").encode()
 
 
+def hubbed(entries, hub=None, self_url=None, title="Fixture Atom"):
+    """An Atom document of entries that names a WebSub hub and its self URL."""
+    links = (f"<link rel='hub' href={quoteattr(hub)}/>" if hub else "") + (
+        f"<link rel='self' href={quoteattr(self_url)}/>" if self_url else "")
+    return atom(entries, title).replace(b"<id>urn:fixture</id>", b"<id>urn:fixture</id>" + links.encode())
+
+
 def rss(items, title="Fixture RSS"):
     body = "".join(
         f"<item><guid>{escape(i)}</guid><title>{escape(t)}</title><link>{escape(link)}</link>"
@@ -262,5 +269,102 @@ class FeedServer:
 
     def close(self):
         self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class Hub:
+    """A WebSub hub on a free loopback port, as the spec and real hubs behave:
+    it takes a subscription form, answers 202, then verifies the callback with a
+    GET (or denies it), and pushes signed bodies on request. `answer` refuses
+    subscriptions with another status; `lease` is the lease it grants."""
+
+    def __init__(self, lease=864000, answer=202):
+        import http.server
+        import urllib.parse
+        self.lease, self.answer = lease, answer
+        self.deny = None                # a reason: deny the next subscriptions instead of verifying them
+        self.requests = []              # (form, headers) of each subscription request
+        self.verifications = []         # (status, whether the body was the challenge) of each verification
+        self.subs = {}                  # topic -> the form of its latest verified subscription
+        self.times, self.verified_at = [], []   # time.monotonic() of each request, and of each verification
+        self.changed = threading.Condition()
+        hub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                form = {k: v[0] for k, v in urllib.parse.parse_qs(body.decode()).items()}
+                with hub.changed:
+                    hub.requests.append((form, self.headers))
+                    hub.times.append(time.monotonic())
+                    hub.changed.notify_all()
+                self.send_response(hub.answer)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"no")
+                if hub.answer == 202:   # verified after the answer, as hubs do
+                    threading.Thread(target=hub.verify, args=(form,), daemon=True).start()
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = "http://127.0.0.1:%d/" % self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
+
+    def verify(self, form, challenge=None):
+        """The verification GET for a subscription form: (status, body)."""
+        import urllib.parse
+        challenge = challenge or os.urandom(12).hex()
+        if self.deny:
+            query = {"hub.mode": "denied", "hub.topic": form["hub.topic"], "hub.reason": self.deny}
+        else:
+            query = {"hub.mode": form["hub.mode"], "hub.topic": form["hub.topic"], "hub.challenge": challenge,
+                     "hub.lease_seconds": self.lease}
+        status, body = self.call("GET", form["hub.callback"] + "?" + urllib.parse.urlencode(query))
+        with self.changed:
+            self.verifications.append((status, body == challenge.encode()))
+            if status == 200 and body == challenge.encode():
+                self.subs[form["hub.topic"]] = form
+                self.verified_at.append(time.monotonic())
+            self.changed.notify_all()
+        return status, body
+
+    def push(self, topic, body, method="sha256", signature=None, headers=(), callback=None, chunked=False):
+        """POST body to the topic's subscriber, signed with its secret (or `signature`): the status.
+        `chunked` sends it with Transfer-Encoding: chunked, as some hubs do."""
+        import hashlib
+        import hmac
+        form = self.subs[topic]
+        if signature is None:
+            signature = f"{method}=" + hmac.new(form["hub.secret"].encode(), body, getattr(hashlib, method)).hexdigest()
+        headers = {"Content-Type": "application/atom+xml", **({"X-Hub-Signature": signature} if signature else {}),
+                   **dict(headers)}
+        return self.call("POST", callback or form["hub.callback"], iter([body]) if chunked else body, headers)[0]
+
+    def call(self, method, url, body=None, headers=None):
+        import urllib.parse
+        parts = urllib.parse.urlsplit(url)
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+        try:
+            conn.request(method, parts.path + ("?" + parts.query if parts.query else ""), body=body,
+                         headers={"Host": "localhost", **(headers or {})}, encode_chunked=body is not None
+                         and not isinstance(body, bytes))
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        finally:
+            conn.close()
+
+    def wait(self, predicate, timeout=10):
+        """Wait until predicate(self) holds, as the hub's records change."""
+        with self.changed:
+            assert self.changed.wait_for(lambda: predicate(self), timeout), (
+                f"never true: {len(self.requests)} requests, verifications {self.verifications}")
+
+    def close(self):
         self.httpd.shutdown()
         self.httpd.server_close()

@@ -29,7 +29,7 @@ import redis
 import redis.backoff
 import redis.retry
 
-from storage import CLIENT_IDS_KEPT, StoreError
+from storage import CLIENT_IDS_KEPT, Conflict, StoreError, records
 
 PREFIX = "longpoll:"
 
@@ -49,15 +49,18 @@ end
 
 # KEYS: counter, stream, client_id key or "" (posted:ID, holding the first id it
 # was posted with), feed key or ""
-# ARGV: id seen, history, feed state or "", then each item's fields as JSON.
-# Returns {first id} or, for a client_id already posted, {0, its id}.
+# ARGV: id seen, history, feed state or "", the feed state it was worked out
+# from ("" for none), then each item's fields as JSON.
+# Returns {first id}; for a client_id already posted, {0, its id}; for a feed
+# whose state another process has changed since, {-1} (storage.Conflict).
 APPEND = COUNTER + """
 if KEYS[3] ~= '' then
     local original = tonumber(redis.call('GET', KEYS[3]))     -- damaged: as if never posted
     if original then return {0, original} end
 end
+if KEYS[4] ~= '' and (redis.call('GET', KEYS[4]) or '') ~= ARGV[4] then return {-1} end
 local first = n + 1
-for i = 4, #ARGV do
+for i = 5, #ARGV do
     n = n + 1
     redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], string.format('%d-0', n), 'item', ARGV[i])
 end
@@ -171,9 +174,11 @@ class RedisStore:
                 PREFIX + "posted:" + client_id if client_id else "",
                 PREFIX + "feed:" + feed[0] if feed else ""]
         fields = [json.dumps(f) for f in batch]
+        state, previous = feed[1:] if feed else ("", "")
         reply = self.call(self.append_script, keys,
-                          [self.seen.get(stream, 0), self.history, json.dumps(feed and feed[1])] + fields,
-                          writes=True)
+                          [self.seen.get(stream, 0), self.history, state, previous or ""] + fields, writes=True)
+        if reply[0] == -1:
+            raise Conflict(feed[0])
         if reply[0] == 0:
             return [self.item(stream, reply[1], batch[0])], False
         return [{"id": reply[0] + n, **f} for n, f in enumerate(batch)], True
@@ -219,6 +224,16 @@ class RedisStore:
         """Keep the feed's lease `seconds` more, telling the other processes how the check went."""
         self.call(self.redis.set, PREFIX + "lease:" + url, json.dumps(report), px=max(1, int(seconds * 1000)),
                   writes=True)
+
+    def release(self, url):
+        """Give up the feed's lease, whoever holds it: this process checks it next."""
+        self.call(self.redis.delete, PREFIX + "lease:" + url, writes=True)
+
+    def subscriptions(self):
+        return records(self.call(self.redis.hgetall, PREFIX + "subscriptions").items())
+
+    def subscribe(self, url, record):
+        self.call(self.redis.hset, PREFIX + "subscriptions", url, json.dumps(record), writes=True)
 
     def start(self):
         """Start the reader: this process learns of every item, its own included, from Redis."""
@@ -269,9 +284,7 @@ class RedisStore:
             self.error = None
 
     def where(self):
-        """The URL without its password, fit to show."""
-        parts = urllib.parse.urlsplit(self.url)
-        return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+        return without_credentials(self.url)
 
     def status(self):
         error = self.write_error or self.error
@@ -291,6 +304,12 @@ class RedisBuckets:
 
     def take(self, address, rate, burst):
         return float(self.store.call(self.take_script, [PREFIX + "bucket:" + address], [rate, burst], writes=True))
+
+
+def without_credentials(url):
+    """The URL without its user name and password, fit to show."""
+    parts = urllib.parse.urlsplit(url)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
 
 
 def items(entries):

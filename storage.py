@@ -17,7 +17,7 @@ import sqlite3
 import sys
 import time
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # MIGRATIONS[v] takes a database from schema version v to v + 1; a new file is version 0.
 MIGRATIONS = [
     [
@@ -36,6 +36,11 @@ MIGRATIONS = [
         "UPDATE client_ids SET time = CAST(strftime('%s', 'now') AS REAL)",
         "CREATE INDEX client_ids_by_time ON client_ids (time)",
     ],
+    [
+        # A feed's WebSub subscription (callback token, secret, hub, lease), so a
+        # restart neither breaks the callback the hub knows nor needs a new verification.
+        "CREATE TABLE subscriptions (feed TEXT PRIMARY KEY, record TEXT NOT NULL)",
+    ],
 ]
 CLIENT_IDS_KEPT = 3600      # seconds a posted client_id is remembered; a retry comes within minutes
 
@@ -49,6 +54,11 @@ def clock_id():
 
 class StoreError(Exception):
     """The database cannot be opened or written; the message says why, for people."""
+
+
+class Conflict(Exception):
+    """A feed's state changed since it was read: another check or push published
+    from it first. Read it again and work out what is new afresh."""
 
 
 class Store:
@@ -127,10 +137,12 @@ class Store:
 
     def append(self, stream, batch, client_id=None, feed=None):
         """Give each item (a dict of fields) the next id and store it, with the
-        client_id it was posted with or the (url, state) of the feed it came from,
-        all in one transaction; then deliver it. Return (items, True), or
-        ([the original], False) for a client_id already posted. StoreError if
-        it cannot be written: then nothing is published."""
+        client_id it was posted with or the feed it came from -- (url, its new
+        state, the state it was worked out from), states as JSON text -- all in one
+        transaction; then deliver it. Return (items, True), or ([the original],
+        False) for a client_id already posted. StoreError if it cannot be
+        written, Conflict if the feed's state is no longer the one given: then
+        nothing is published."""
         original = client_id and self.posted(client_id, stream, batch[0])
         if original:
             return [original], False
@@ -150,8 +162,10 @@ class Store:
                 self.db.execute("INSERT OR REPLACE INTO client_ids VALUES (?, ?, ?)",
                                 (client_id, json.dumps(items[0]), now))
             if feed:
-                url, state = feed
-                self.db.execute("INSERT OR REPLACE INTO feeds VALUES (?, ?)", (url, json.dumps(state)))
+                url, state, previous = feed
+                if self.feed_state(url) != previous:
+                    raise Conflict(url)
+                self.db.execute("INSERT OR REPLACE INTO feeds VALUES (?, ?)", (url, state))
         self.transaction(write)
         if items:
             self.last_ids[stream] = items[-1]["id"]
@@ -164,6 +178,9 @@ class Store:
             write()
             self.db.execute("COMMIT")
             self.error = None
+        except Conflict:
+            self.db.execute("ROLLBACK")
+            raise
         except sqlite3.Error as e:
             if self.db.in_transaction:
                 self.db.execute("ROLLBACK")
@@ -188,6 +205,16 @@ class Store:
         row = self.db.execute("SELECT state FROM feeds WHERE url = ?", (url,)).fetchone()
         return row and row[0]
 
+    def subscriptions(self):
+        """Each feed's WebSub subscription, by feed URL (a damaged one is left out:
+        the feed subscribes afresh)."""
+        return records(self.db.execute("SELECT feed, record FROM subscriptions"))
+
+    def subscribe(self, url, record):
+        """Keep (or replace) a feed's WebSub subscription."""
+        self.transaction(lambda: self.db.execute("INSERT OR REPLACE INTO subscriptions VALUES (?, ?)",
+                                                 (url, json.dumps(record))))
+
     def start(self):
         """Nothing to follow: every item here was published by this process."""
 
@@ -198,11 +225,27 @@ class Store:
     def hold(self, url, seconds, report):
         pass
 
+    def release(self, url):
+        pass
+
     def status(self):
         return {"db": self.path, "ok": self.error is None, "error": self.error}
 
     def close(self):
         self.db.close()
+
+
+def records(rows):
+    """{key: record} of (key, JSON object) rows, leaving out any that is not one."""
+    kept = {}
+    for key, text in rows:
+        try:
+            record = json.loads(text)
+            if isinstance(record, dict):
+                kept[key] = record
+        except (TypeError, ValueError):
+            pass
+    return kept
 
 
 def explain(error, path):

@@ -31,7 +31,7 @@ import pytest
 from hypothesis import given, settings as hypothesis_settings, strategies as st
 
 import storage
-from conftest import FeedServer, RedisServer, Server, atom, free_port, loopback, numbered, rss
+from conftest import FeedServer, Hub, RedisServer, Server, atom, free_port, hubbed, loopback, numbered, rss
 
 HERE = Path(__file__).resolve().parent
 
@@ -1998,3 +1998,278 @@ def test_an_entry_written_to_redis_by_someone_else_is_skipped_as_a_gap(cluster, 
         assert body == {"messages": [{"id": old["id"] + 4, "body": "own id"}, new], "cursor": new["id"], "gap": True}
     for srv in (a, b):                          # each unusable entry was read once, not again and again
         assert srv.stop().count("skipped Redis entry") == 3
+
+
+# -- Push from WebSub hubs ----------------------------------------------------
+
+
+@pytest.fixture
+def hub():
+    hub = Hub()
+    yield hub
+    hub.close()
+
+
+@pytest.fixture
+def feed_server():
+    srv = FeedServer()
+    yield srv
+    srv.close()
+
+
+def pushed_app(start, *flags, port=None):
+    """An app with --public-url on its own port, its feed checked every 300 s."""
+    port = port or free_port()
+    return start("--port", str(port), "--public-url", f"http://127.0.0.1:{port}/", "--feed-interval", "300", *flags)
+
+
+def push_state(srv, feed=0):
+    return srv.status()["feeds"][feed]["push"]
+
+
+def test_a_feed_naming_a_hub_is_pushed_and_a_push_reaches_a_parked_poll_at_once(start, hub, feed_server):
+    topic = feed_server.url + "/canonical.xml"
+    url = feed_server.feed("/feed.xml", hubbed(numbered(1, 3), hub.url, topic))
+    srv = pushed_app(start, "--feed", url)
+    hub.wait(lambda h: topic in h.subs)
+    [(form, _)] = hub.requests
+    # The self URL is the topic; the callback is under the public URL, unguessable; a secret per subscription.
+    assert form["hub.mode"] == "subscribe" and form["hub.topic"] == topic
+    assert re.fullmatch(rf"http://127\.0\.0\.1:{srv.port}/websub/[A-Za-z0-9_-]{{32}}", form["hub.callback"])
+    assert len(form["hub.secret"]) >= 32 and int(form["hub.lease_seconds"]) > 0
+    state = srv.wait_for(lambda s: s["feeds"][0]["push"]["state"] == "pushed")["feeds"][0]["push"]
+    assert state["hub"] == hub.url and state["topic"] == topic and state["lease_ends"] > time.time() + 86400
+    assert srv.wait_for(lambda s: s["streams"]["feed"]["last_id"])  # the first fetch is published
+
+    cursor = srv.cursor("feed")
+    poll = spawn_poll(srv, f"/feed/updates?cursor={cursor}")
+    srv.wait_for(lambda s: s["streams"]["feed"]["waiting"] == 1)
+    began = time.monotonic()
+    assert hub.push(topic, hubbed(numbered(1, 4), hub.url, topic)) == 202     # the whole feed, as hubs send it
+    body = poll.wait().json()
+    assert time.monotonic() - began < 1
+    assert [e["title"] for e in body["entries"]] == ["Entry 4"]
+    # The same version again, or a push in which nothing is new: nothing is published.
+    assert hub.push(topic, hubbed(numbered(1, 4), hub.url, topic), method="sha512") == 202
+    assert srv.cursor("feed") == body["cursor"]
+    assert push_state(srv)["last_push"] > time.time() - 10
+    assert len(feed_server.requests) == 1       # and no poll: the feed waits 300 s, or an hour while pushed
+
+
+def test_the_hub_and_topic_come_from_link_headers_first_then_the_feeds_own_links():
+    rss_doc = (b"<?xml version='1.0'?><rss version='2.0' xmlns:atom='http://www.w3.org/2005/Atom'><channel>"
+               b"<title>t</title><atom:link rel='hub' href='http://hub.example/'/>"
+               b"<atom:link rel='self' href='http://site.example/rss'/><item><guid>a</guid></item></channel></rss>")
+    _, _, links = longpoll.parse_feed(rss_doc, {"content-location": "http://fetched.example/f"})
+    assert longpoll.discover([], links, "http://fetched.example/f") == ("http://hub.example/", "http://site.example/rss")
+    headers = ['<https://push.example/hub>; rel="hub", </canonical>; rel="self"']
+    assert longpoll.discover(headers, links, "http://fetched.example/f") == (
+        "https://push.example/hub", "http://fetched.example/canonical")
+    # No hub named: the topic is the URL fetched. A hub that is not http(s) is none.
+    assert longpoll.discover([], [("alternate", "http://x/")], "http://f/") == (None, "http://f/")
+    assert longpoll.discover(["<javascript:alert(1)>; rel=hub"], [], "http://f/") == (None, "http://f/")
+
+
+def test_an_rss_feed_with_hub_link_headers_is_subscribed_to_its_self_url(start, hub, feed_server):
+    url = feed_server.feed("/rss.xml", rss([("g1", "One", "http://example.com/1", "s")]),
+                           headers=[("Link", f'<{hub.url}>; rel="hub"'), ("Link", '</self.rss>; rel="self"')])
+    pushed_app(start, "--feed", url)
+    hub.wait(lambda h: h.requests)
+    assert hub.requests[0][0]["hub.topic"] == feed_server.url + "/self.rss"
+
+
+def test_without_public_url_nothing_is_subscribed_and_status_says_why(start, hub, feed_server):
+    url = feed_server.feed("/feed.xml", hubbed(numbered(1, 2), hub.url))
+    srv = start("--feed", url)
+    status = srv.wait_for(lambda s: s["feeds"][0]["last_checked"])
+    assert status["feeds"][0]["push"]["state"] == "polled"
+    assert "--public-url" in status["feeds"][0]["push"]["why"]
+    assert hub.requests == []
+    assert srv.get("/websub/" + "A" * 32 + "?hub.mode=subscribe&hub.challenge=c").status == 404
+
+
+def test_the_hub_flag_subscribes_every_feed_with_basic_auth_never_shown(start, feed_server, hub):
+    url = feed_server.feed("/plain.xml", atom(numbered(1, 2)))          # names no hub of its own
+    hub_with_login = hub.url.replace("http://", "http://reader:s3cr%40t@")
+    srv = pushed_app(start, "--feed", url, "--hub", hub_with_login)
+    hub.wait(lambda h: h.subs)
+    form, headers = hub.requests[0]
+    assert form["hub.topic"] == url
+    assert headers["Authorization"] == "Basic " + __import__("base64").b64encode(b"reader:s3cr@t").decode()
+    state = srv.wait_for(lambda s: s["feeds"][0]["push"]["state"] == "pushed")
+    assert "s3cr" not in json.dumps(state) and state["feeds"][0]["push"]["hub"] == hub.url
+    assert "s3cr" not in srv.stop()
+    proc = subprocess.run([sys.executable, "longpoll.py", "--hub", hub.url], cwd=HERE, capture_output=True, text=True)
+    assert proc.returncode == 2 and "--hub needs --public-url" in proc.stderr
+
+
+def test_a_verification_is_echoed_only_for_the_subscription_asked_for(start, hub, feed_server):
+    topic = feed_server.url + "/feed.xml"
+    srv = pushed_app(start, "--feed", feed_server.feed("/feed.xml", hubbed(numbered(1, 2), hub.url)))
+    hub.wait(lambda h: h.subs)
+    assert hub.verifications == [(200, True)]
+    form = hub.subs[topic]
+    callback = form["hub.callback"]
+    path = urllib_path(callback)
+    # Byte for byte, as text/plain, whatever bytes the challenge holds.
+    resp = srv.get(f"{path}?hub.mode=subscribe&hub.topic={quote(topic)}&hub.challenge=%FF%00a+b&hub.lease_seconds=60")
+    assert resp.status == 200 and resp.body == b"\xff\x00a b"
+    assert resp.headers["Content-Type"].startswith("text/plain")
+    odd_lease = srv.get(f"{path}?hub.mode=subscribe&hub.topic={quote(topic)}&hub.challenge=x&hub.lease_seconds=%C2%B2")
+    assert (odd_lease.status, odd_lease.body) == (200, b"x")
+    forged = [f"{path}?hub.mode=subscribe&hub.topic={quote(topic + 'x')}&hub.challenge=c",     # another topic
+              f"{path}?hub.mode=unsubscribe&hub.topic={quote(topic)}&hub.challenge=c",     # not asked for
+              f"{path}?hub.mode=subscribe&hub.topic={quote(topic)}",                       # no challenge
+              f"{path[:-1]}A?hub.mode=subscribe&hub.topic={quote(topic)}&hub.challenge=c",   # another token
+              f"/websub/short?hub.mode=subscribe&hub.topic={quote(topic)}&hub.challenge=c"]
+    for forgery in forged:
+        resp = srv.get(forgery)
+        assert resp.status == 404 and b"c" != resp.body and resp.json()["error"], forgery
+    assert srv.request("POST", f"{path[:-1]}A", body=b"x").status == 404
+    assert push_state(srv)["state"] == "pushed"
+
+
+def urllib_path(url):
+    return "/" + url.split("/", 3)[3]
+
+
+def quote(text):
+    import urllib.parse
+    return urllib.parse.quote(text, safe="")
+
+
+def test_pushes_not_signed_with_the_secret_are_ignored_yet_answered_2xx(start, hub, feed_server):
+    topic = feed_server.url + "/feed.xml"
+    srv = pushed_app(start, "--feed", feed_server.feed("/feed.xml", hubbed(numbered(1, 2), hub.url)))
+    hub.wait(lambda h: h.subs)
+    srv.wait_for(lambda s: s["streams"]["feed"]["last_id"] and s["feeds"][0]["push"]["state"] == "pushed")
+    cursor = srv.cursor("feed")
+    body = hubbed(numbered(1, 3), hub.url)
+    good = "sha256=" + __import__("hmac").new(hub.subs[topic]["hub.secret"].encode(), body, "sha256").hexdigest()
+    for signature in ("", "sha256=" + "0" * 64, good[:-2], "md5=" + good[7:], good.replace("sha256", "sha1"),
+                      "sha256=" + __import__("hmac").new(b"another secret", body, "sha256").hexdigest()):
+        assert hub.push(topic, body, signature=signature) == 202, signature
+    assert hub.push(topic, body + b" ", signature=good) == 202         # a body altered after signing
+    assert srv.cursor("feed") == cursor
+    assert push_state(srv)["ignored_pushes"] == 7 and push_state(srv)["last_push"] is None
+    for method, n in (("sha1", 3), ("sha384", 4), ("sha512", 5)):
+        assert hub.push(topic, hubbed(numbered(1, n), hub.url), method=method) == 202
+    entries = srv.get(f"/feed/updates?cursor={cursor}").json()["entries"]
+    assert [e["title"] for e in entries] == ["Entry 3", "Entry 4", "Entry 5"]
+    # Signed, but not a feed: the hub's doing, answered 2xx (a retry would not mend it) and logged.
+    assert hub.push(topic, b"<html>not a feed</html>") == 202
+    assert srv.cursor("feed") == cursor + 3
+    assert "a push for" in srv.stop() 
+
+
+def test_an_oversized_push_is_refused_and_a_gzip_labelled_plain_body_is_read(start, hub, feed_server):
+    topic = feed_server.url + "/feed.xml"
+    srv = pushed_app(start, "--feed", feed_server.feed("/feed.xml", hubbed(numbered(1, 2), hub.url)))
+    hub.wait(lambda h: h.subs)
+    srv.wait_for(lambda s: s["streams"]["feed"]["last_id"])
+    cursor = srv.cursor("feed")
+    huge = hubbed(numbered(1, 3), hub.url).replace(b"</feed>", b" " * longpoll.MAX_FEED_BYTES + b"</feed>")
+    try:
+        assert hub.push(topic, huge) == 413
+    except (BrokenPipeError, ConnectionResetError):
+        pass        # refused before it was all sent
+    assert srv.cursor("feed") == cursor and srv.status()["feeds"][0]["push"]["last_push"] is None
+    # Hubs copy the topic's Content-Encoding beside a body they already decoded.
+    assert hub.push(topic, hubbed(numbered(1, 3), hub.url), headers={"Content-Encoding": "gzip"}) == 202
+    assert [e["title"] for e in srv.get(f"/feed/updates?cursor={cursor}").json()["entries"]] == ["Entry 3"]
+    assert hub.push(topic, gzip.compress(hubbed(numbered(1, 4), hub.url)), headers={"Content-Encoding": "gzip"}) == 202
+    assert [e["title"] for e in srv.get(f"/feed/updates?cursor={cursor + 1}").json()["entries"]] == ["Entry 4"]
+    # A hub that copies the topic's Transfer-Encoding beside Content-Length is refused, and told in the log.
+    path = urllib_path(hub.subs[topic]["hub.callback"]).encode()
+    answer = raw_request(srv, b"POST " + path + b" HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n"
+                              b"Content-Length: 5\r\n\r\n0\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 411")
+    assert "refused a WebSub push sent with Transfer-Encoding" in srv.stop()
+
+
+def test_an_entry_pushed_then_polled_is_published_once_and_the_lease_is_renewed(start, feed_server):
+    hub = Hub(lease=4)      # renewed before it ends, so the feed is checked (polled) about every 3 s
+    try:
+        topic = feed_server.url + "/feed.xml"
+        feed_server.feed("/feed.xml", hubbed(numbered(1, 2), hub.url))
+        srv = pushed_app(start, "--feed", topic)
+        hub.wait(lambda h: h.subs)
+        srv.wait_for(lambda s: s["streams"]["feed"]["last_id"] and s["feeds"][0]["push"]["state"] == "pushed")
+        cursor = srv.cursor("feed")
+        newer = hubbed(numbered(1, 3), hub.url)
+        assert hub.push(topic, newer) == 202
+        feed_server.feed("/feed.xml", newer)        # and the next poll finds the same entry
+        fetched = len(feed_server.requests)
+        hub.wait(lambda h: len(h.requests) >= 2 and len(h.verifications) >= 2, timeout=15)
+        srv.wait_for(lambda s: len(feed_server.requests) > fetched and s["feeds"][0]["last_checked"], timeout=15)
+        first, renewal = hub.requests[0][0], hub.requests[1][0]
+        assert (renewal["hub.callback"], renewal["hub.secret"]) == (first["hub.callback"], first["hub.secret"])
+        assert hub.times[1] < hub.verified_at[0] + 4        # renewed before the lease ended
+        assert [e["title"] for e in srv.get(f"/feed/updates?cursor={cursor}").json()["entries"]] == ["Entry 3"]
+        assert srv.cursor("feed") == cursor + 1 and push_state(srv)["state"] == "pushed"
+    finally:
+        hub.close()
+
+
+def test_a_denied_or_refused_subscription_is_shown_and_polling_goes_on(start, feed_server):
+    denying, refusing = Hub(), Hub(answer=400)
+    denying.deny = "not on this hub"
+    try:
+        a = pushed_app(start, "--feed", feed_server.feed("/a.xml", hubbed(numbered(1, 2), denying.url)))
+        b = pushed_app(start, "--feed", feed_server.feed("/b.xml", hubbed(numbered(1, 2), refusing.url)))
+        denying.wait(lambda h: h.verifications == [(200, False)])
+        state = a.wait_for(lambda s: "denied" in (s["feeds"][0]["push"]["why"] or ""))["feeds"][0]["push"]
+        assert state["state"] == "polled" and state["why"] == "the hub denied the subscription: not on this hub"
+        state = b.wait_for(lambda s: "refused" in (s["feeds"][0]["push"]["why"] or ""))["feeds"][0]["push"]
+        assert state["state"] == "polled" and state["why"].startswith("the hub refused the subscription: HTTP 400")
+        for srv in (a, b):
+            assert srv.status()["feeds"][0]["next_check"] < time.time() + 301     # the normal interval
+    finally:
+        denying.close()
+        refusing.close()
+
+
+def test_a_restart_keeps_the_subscription_and_its_callback(start, hub, feed_server, tmp_path):
+    topic = feed_server.url + "/feed.xml"
+    feed_server.feed("/feed.xml", hubbed(numbered(1, 2), hub.url))
+    port, db = free_port(), str(tmp_path / "longpoll.db")
+    first = pushed_app(start, "--feed", topic, "--db", db, port=port)
+    hub.wait(lambda h: h.subs)
+    first.wait_for(lambda s: s["feeds"][0]["push"]["state"] == "pushed")
+    first.stop()
+    again = pushed_app(start, "--feed", topic, "--db", db, port=port)
+    again.wait_for(lambda s: s["feeds"][0]["last_checked"] and s["feeds"][0]["push"]["state"] == "pushed")
+    assert len(hub.requests) == 1           # neither a new subscription nor a new verification
+    # While pushed, the feed is polled only as a safety net, hourly.
+    assert again.status()["feeds"][0]["next_check"] > time.time() + 3000
+    cursor = again.cursor("feed")
+    assert hub.push(topic, hubbed(numbered(1, 3), hub.url)) == 202
+    assert [e["title"] for e in again.get(f"/feed/updates?cursor={cursor}").json()["entries"]] == ["Entry 3"]
+
+
+def test_a_push_to_any_of_several_processes_is_published_once_for_all(start, redis_url, hub, feed_server):
+    topic = feed_server.url + "/feed.xml"
+    feed_server.feed("/feed.xml", hubbed(numbered(1, 2), hub.url))
+    port = free_port()      # the public URL is a's; a proxy in front would send the hub to either
+    a, b = (start("--redis", redis_url, "--feed", topic, "--feed-interval", "300",
+                  "--public-url", f"http://127.0.0.1:{port}", "--port", str(p)) for p in (port, 0))
+    hub.wait(lambda h: h.subs)
+    a.wait_for(lambda s: s["streams"]["feed"]["last_id"] and s["feeds"][0]["push"]["state"] == "pushed")
+    b.wait_for(lambda s: s["feeds"][0]["push"]["state"] == "pushed")
+    assert len(hub.requests) == 1 and len(feed_server.requests) == 1   # one process subscribes and polls, for all
+    cursor = a.cursor("feed")
+    path = urllib_path(hub.subs[topic]["hub.callback"])
+    # The same push reaches both processes at once (a hub retrying through a round-robin proxy).
+    body = hubbed(numbered(1, 4), hub.url)
+    pushes = [eventlet.spawn(hub.push, topic, body, callback=f"http://127.0.0.1:{srv.port}{path}") for srv in (a, b, a, b)]
+    assert [p.wait() for p in pushes] == [202] * 4
+    for srv in (a, b):
+        got = follow(srv, cursor, cursor + 2, key="entries", path="/feed/updates")
+        assert [e["title"] for e in got] == ["Entry 3", "Entry 4"]
+    assert a.cursor("feed") == b.cursor("feed") == cursor + 2
+    # A denial reaching either process: polling resumes at once, whichever holds the feed.
+    topic_q = quote(topic)
+    for srv in (a, b):
+        assert srv.get(f"{path}?hub.mode=denied&hub.topic={topic_q}&hub.reason=gone").status == 200
+        srv.wait_for(lambda s: len(feed_server.requests) == 2 and s["feeds"][0]["push"]["why"], timeout=5)
+        feed_server.requests.pop()
