@@ -10,6 +10,7 @@ import re
 import shutil
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from xml.sax.saxutils import escape
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FeedServer, atom, free_port, numbered
+from conftest import FeedServer, Hub, atom, free_port, hubbed, numbered
 
 HERE = Path(__file__).resolve().parent
 # The README's screenshots are retaken only when asked (SCREENSHOTS=docs), so a
@@ -487,6 +488,32 @@ def test_feed_page_never_scrolls(feed_setup, open_page):
     assert 3 <= sizes["shown"] < 40, sizes          # old entries were dropped
 
 
+def test_the_feed_page_says_which_feeds_are_pushed_and_shows_a_push_at_once(start, new_context):
+    from playwright.sync_api import expect
+    hub, feeds = Hub(), FeedServer()
+    try:
+        topic = feeds.feed("/pushed.xml", hubbed(numbered(1, 2), hub.url, title="Pushed"))
+        polled = feeds.feed("/polled.xml", atom(numbered(1, 1), title="Polled"))
+        port = free_port()
+        srv = start("--port", str(port), "--public-url", f"http://127.0.0.1:{port}", "--feed", topic,
+                    "--feed", polled, "--feed-interval", "300", "--poll-timeout", "5")
+        hub.wait(lambda h: h.subs)
+        srv.wait_for(lambda s: s["feeds"][0]["push"]["state"] == "pushed" and s["feeds"][1]["last_checked"])
+        page = new_context().new_page()
+        page.goto(f"http://{srv.host}:{srv.port}/feed?pace=100")
+        sources = page.locator("#feeds .source-state")
+        expect(sources.nth(0).locator(".via")).to_have_text(f"pushed via 127.0.0.1:{hub.httpd.server_address[1]}")
+        expect(sources.nth(1).locator(".via")).to_have_text("polled")
+        assert "names no WebSub hub" in sources.nth(1).get_attribute("title")   # why, on hover
+        expect(page.locator("#entries .entry")).to_have_count(3)
+        srv.wait_for(lambda s: s["streams"]["feed"]["waiting"] == 1)     # the page's poll is parked
+        assert hub.push(topic, hubbed(numbered(1, 3), hub.url, title="Pushed")) == 202
+        expect(page.locator("#entries .title").first).to_have_text("Entry 3", timeout=3000)
+    finally:
+        hub.close()
+        feeds.close()
+
+
 SHOWCASE = atom([
     (f"urn:s{n}", title, f"https://example.com/{n}", summary) for n, (title, summary) in enumerate([
         ("Green threads explained in five minutes", "Why a parked request costs kilobytes, not a thread."),
@@ -545,6 +572,11 @@ def nginx(tmp_path):
     if not binary:
         missing("nginx is not installed (apt-get install nginx)")
     procs = []
+    # Where nginx's workers (user nobody, when started as root) write request bodies
+    # too big for memory: tmp_path is private to the tests' user, this is not.
+    scratch = tempfile.TemporaryDirectory(prefix="longpoll-nginx-")
+    buffers = scratch.name
+    os.chmod(buffers, 0o755)
 
     def run(*app_ports):
         port = free_port()                  # a free, non-default port for the proxy
@@ -560,7 +592,7 @@ def nginx(tmp_path):
                 block = block.replace(f"server 127.0.0.1:{readme_port};", f"server 127.0.0.1:{app_port};")
         assert "listen 8000;" in block
         block = block.replace("listen 8000;", f"listen 127.0.0.1:{port};")
-        temp = "\n".join(f"{kind}_temp_path {tmp_path}/{kind};"
+        temp = "\n".join(f"{kind}_temp_path {buffers}/{kind};"
                          for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
         (tmp_path / "nginx.conf").write_text(
             f"daemon off;\npid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\n"
@@ -581,6 +613,7 @@ def nginx(tmp_path):
     for proc in procs:
         proc.terminate()
         proc.wait(timeout=10)
+    scratch.cleanup()
 
 
 def test_chat_through_the_readme_nginx_config(start, open_page, nginx):
@@ -610,6 +643,30 @@ def test_the_readme_proxy_passes_no_clients_own_forwarded_host(start, nginx):
     # A page of evil.example names itself in Origin, and in X-Forwarded-Host to match.
     assert post({"Origin": "http://evil.example", "X-Forwarded-Host": "evil.example"}) == 403
     assert post({"Origin": f"http://127.0.0.1:{port}"}) == 201     # the site itself, through the proxy
+
+
+def test_a_hub_pushes_through_the_readme_nginx_config(start, nginx):
+    hub, feeds = Hub(), FeedServer()
+    try:
+        app_port = free_port()
+        proxy = nginx(app_port)         # the app's public URL is the proxy's
+        # A big feed: over nginx's default limit of 1 MB for a request body.
+        padding = [(f"urn:pad{n}", f"Pad {n}", "http://example.com/", "x" * 100_000) for n in range(20)]
+        topic = feeds.feed("/feed.xml", hubbed(numbered(1, 1) + padding, hub.url))
+        app = start("--port", str(app_port), "--trusted-proxy", "127.0.0.1", "--public-url",
+                    f"http://127.0.0.1:{proxy}", "--feed", topic, "--feed-interval", "300")
+        hub.wait(lambda h: h.subs)      # verified through the proxy
+        app.wait_for(lambda s: s["feeds"][0]["push"]["state"] == "pushed" and s["streams"]["feed"]["last_id"])
+        cursor = app.cursor("feed")
+        # Its next version, sent chunked as some hubs do: nginx passes it on whole,
+        # with a Content-Length, and its bytes as signed.
+        big = hubbed(numbered(1, 2) + padding, hub.url)
+        assert len(big) > 2_000_000 and hub.push(topic, big, chunked=True) == 202
+        got = app.get(f"/feed/updates?cursor={cursor}").json()["entries"]
+        assert [e["title"] for e in got] == ["Entry 2"]
+    finally:
+        hub.close()
+        feeds.close()
 
 
 def test_chat_through_the_readme_deployment_while_a_process_dies(start, open_page, nginx, redis_url):

@@ -83,6 +83,16 @@ longPoll("/feed/updates", "entries", (batch, gap, first) => {
   showCount();
 });
 
+// How a feed's entries come: pushed by its WebSub hub, or polled (and why, on hover).
+function delivery(push) {
+  if (!push || push.state === "polled") return "polled";
+  let hub = push.hub;
+  try { hub = new URL(push.hub).host; } catch (err) { /* shown as it is */ }
+  if (push.state === "subscribing") return `subscribing via ${hub}`;
+  const last = push.last_push ? new Date(push.last_push * 1000).toISOString() : null;
+  return `pushed via ${hub}` + (last ? ` · last push ${relativeTime(last)}` : "");
+}
+
 // Each feed's state, from /status, refreshed now and then.
 async function refreshSources() {
   try {
@@ -94,8 +104,9 @@ async function refreshSources() {
       item.append(el("span", "dot"), el("span", "name", f.title || f.url));
       const detail = f.last_checked === null ? "waiting for the first check"
         : f.ok ? `${f.entries} entries` : f.error;
-      item.append(el("span", "detail", detail));
-      item.title = f.url;
+      item.append(el("span", "detail", detail), el("span", "via", delivery(f.push)));
+      item.dataset.push = f.push ? f.push.state : "polled";
+      item.title = f.push && f.push.why ? `${f.url}\n${f.push.why}` : f.url;
       return item;
     }));
     if (!status.feeds.length) sources.replaceChildren(el("li", "detail", "No feeds configured."));
