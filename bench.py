@@ -11,6 +11,7 @@ the load generator stays cheap next to the server. Standard library only.
     python bench.py --json bench.json     # also write the figures as JSON
     python bench.py --compare             # green threads vs OS threads vs Tornado, parked clients
     python bench.py --scale-out           # one process in memory, one and two sharing Redis
+    python bench.py --websub              # a WebSub hub's push to parked clients of the feed stream
 """
 
 import argparse
@@ -50,7 +51,7 @@ class App:
             flags += ("--db", db or os.path.join(self.folder.name, "longpoll.db"))
             command = [str(HERE / "longpoll.py"), *flags]
         self.proc = subprocess.Popen(
-            [sys.executable, *command, "--port", "0"],
+            [sys.executable, *command, *(() if "--port" in flags else ("--port", "0"))],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         match = re.search(r"http://([\d.]+):(\d+)/", self.proc.stdout.readline())
         if not match:
@@ -143,6 +144,29 @@ def connect(apps, n):
     return clients
 
 
+def watch(clients):
+    """A selector over the clients' sockets, each registered with its Client."""
+    sel = selectors.DefaultSelector()
+    for c in clients:
+        sel.register(c.sock, selectors.EVENT_READ, c)
+    return sel
+
+
+def answers(sel, n, expected):
+    """Read until n clients have an answer (60 s at most), noting when each came;
+    return how many answers were not expected(body), or never came."""
+    waiting, errors = n, 0
+    deadline = time.monotonic() + 60
+    while waiting and time.monotonic() < deadline:
+        for key, _ in sel.select(timeout=1):
+            c = key.data
+            if c.feed(c.sock.recv(65536)):
+                c.answered_at = time.perf_counter()
+                waiting -= 1
+                errors += not expected(json.loads(c.body))
+    return errors + waiting
+
+
 def percentile(values, p):
     values = sorted(values)
     return values[min(len(values) - 1, int(len(values) * p / 100))]
@@ -199,9 +223,7 @@ def fan_out(apps, n, rounds):
         return None if None in counts else sum(c[2] for c in counts)
     idle_rss, idle_vm = total(App.rss), total(App.address_space)
     clients = connect(apps, n)
-    sel = selectors.DefaultSelector()
-    for c in clients:
-        sel.register(c.sock, selectors.EVENT_READ, c)
+    sel = watch(clients)
     results = []
     for _ in range(rounds):
         cursor = app.status()["streams"]["chat"]["last_id"]
@@ -220,17 +242,7 @@ def fan_out(apps, n, rounds):
         start = time.perf_counter()
         status, message = app.request("POST", "/chat/messages", {"nick": "bench", "body": "fan-out"})
         post_ms = (time.perf_counter() - start) * 1000
-        waiting, errors = n, early + (status != 201)
-        deadline = time.monotonic() + 60
-        while waiting and time.monotonic() < deadline:
-            for key, _ in sel.select(timeout=1):
-                c = key.data
-                if c.feed(c.sock.recv(65536)):
-                    c.answered_at = time.perf_counter()
-                    waiting -= 1
-                    if json.loads(c.body)["messages"] != [message]:
-                        errors += 1
-        errors += waiting
+        errors = early + (status != 201) + answers(sel, n, lambda body: body["messages"] == [message])
         # CPU per client: user + system time of the server processes over the
         # phase, which a busy box moves far less than it moves latencies.
         cpu_answered, gc_answered = total(App.cpu), full_collections()
@@ -251,6 +263,56 @@ def fan_out(apps, n, rounds):
     return {"clients": n, "processes": len(apps), "rounds": results,
             **{k: statistics.median(r[k] for r in results) for k in results[0] if results[0][k] is not None},
             "errors": sum(r["errors"] for r in results)}
+
+
+def push_delivery(n, rounds):
+    """A WebSub hub's push of one new entry, to n clients parked on the feed stream:
+    the time from the hub's POST until each client has the entry. The hub and
+    the feed server are the tests' own (conftest.py), on loopback."""
+    from conftest import FeedServer, Hub, hubbed, numbered
+    feeds, hub = FeedServer(), Hub()
+    topic = feeds.feed("/feed.xml", hubbed(numbered(1, 1), hub.url))
+    port = free_port()
+    app = App("--port", str(port), "--public-url", f"http://127.0.0.1:{port}", "--feed", topic,
+              "--feed-interval", "300", "--poll-timeout", "120", db=":memory:")
+    try:
+        app.wait_until(lambda s: s["feeds"][0]["push"]["state"] == "pushed", 30, "the hub's verification")
+        clients = connect(app, n)
+        sel = watch(clients)
+        results = []
+        for r in range(rounds):
+            cursor = app.status()["streams"]["feed"]["last_id"]
+            for c in clients:
+                c.answered_at = None
+                c.poll(b"/feed/updates", cursor)
+            app.wait_until(lambda s: s["streams"]["feed"]["waiting"] == n, 120, f"{n} parked polls")
+            cpu_parked = app.cpu()
+            # The hub pushes the whole feed, as real hubs do: one entry in it is new.
+            pushing = threading.Thread(target=hub.push, args=(topic, hubbed(numbered(1, r + 2), hub.url)))
+            start = time.perf_counter()
+            pushing.start()
+            errors = answers(sel, n, lambda body: [e["title"] for e in body["entries"]] == [f"Entry {r + 2}"])
+            pushing.join()
+            latencies = [(c.answered_at - start) * 1000 for c in clients if c.answered_at]
+            results.append({"p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99),
+                            "max_ms": max(latencies), "errors": errors,
+                            "answer_cpu_us": (app.cpu() - cpu_parked) / n * 1e6})
+        for c in clients:
+            c.sock.close()
+        sel.close()
+    finally:
+        app.stop()
+        hub.close()
+        feeds.close()
+    return {"clients": n, "rounds": results,
+            **{k: statistics.median(r[k] for r in results) for k in results[0]},
+            "errors": sum(r["errors"] for r in results)}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def throughput(app, n, posters, seconds):
@@ -390,6 +452,9 @@ def main():
     p.add_argument("--scale-out", type=int, nargs="*", metavar="N",
                    help="instead of the above: fan-out to N parked clients (default: 10000 20000) on one "
                         "process in memory, on one process sharing Redis, and spread over two sharing Redis")
+    p.add_argument("--websub", type=int, nargs="*", metavar="N",
+                   help="instead of the above: a WebSub push to N clients parked on the feed stream "
+                        "(default: 1000), from the hub's POST to each client's answer")
     args = p.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -403,6 +468,16 @@ def main():
                          "(ulimit -Hn); ask for fewer")
     if args.compare is not None:
         return compare(args.compare, args.rounds, args.json)
+    if args.websub is not None:
+        report = {"machine": f"{os.cpu_count()} cores, {platform()}",
+                  "websub": [push_delivery(n, args.rounds) for n in args.websub or [1000]]}
+        for w in report["websub"]:
+            print(f"WebSub push to {w['clients']} parked clients: p50 {w['p50_ms']:.1f} ms, p99 {w['p99_ms']:.1f} ms, "
+                  f"max {w['max_ms']:.1f} ms, {w['answer_cpu_us']:.0f} us server CPU a client, "
+                  f"errors {w['errors']}", flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2))
+        return
     if args.scale_out is not None:
         return scale_out(args.scale_out, args.rounds, args.posters, args.seconds, args.json)
     report = {"machine": f"{os.cpu_count()} cores, {platform()}", "fan_out": []}
