@@ -277,12 +277,13 @@ class Hub:
     """A WebSub hub on a free loopback port, as the spec and real hubs behave:
     it takes a subscription form, answers 202, then verifies the callback with a
     GET (or denies it), and pushes signed bodies on request. `answer` refuses
-    subscriptions with another status; `lease` is the lease it grants."""
+    subscriptions with another status; `lease` is the lease it grants; a hub that
+    never `verifies` accepts and stays silent, as a failed verification does."""
 
-    def __init__(self, lease=864000, answer=202):
+    def __init__(self, lease=864000, answer=202, verifies=True):
         import http.server
         import urllib.parse
-        self.lease, self.answer = lease, answer
+        self.lease, self.answer, self.verifies = lease, answer, verifies
         self.deny = None                # a reason: deny the next subscriptions instead of verifying them
         self.requests = []              # (form, headers) of each subscription request
         self.verifications = []         # (status, whether the body was the challenge) of each verification
@@ -305,7 +306,7 @@ class Hub:
                 self.send_header("Content-Length", "2")
                 self.end_headers()
                 self.wfile.write(b"no")
-                if hub.answer == 202:   # verified after the answer, as hubs do
+                if hub.answer == 202 and hub.verifies:      # verified after the answer, as hubs do
                     threading.Thread(target=hub.verify, args=(form,), daemon=True).start()
 
             def log_message(self, *args):

@@ -2273,3 +2273,26 @@ def test_a_push_to_any_of_several_processes_is_published_once_for_all(start, red
         assert srv.get(f"{path}?hub.mode=denied&hub.topic={topic_q}&hub.reason=gone").status == 200
         srv.wait_for(lambda s: len(feed_server.requests) == 2 and s["feeds"][0]["push"]["why"], timeout=5)
         feed_server.requests.pop()
+
+
+def test_a_subscription_never_verified_is_reported_after_a_minute_and_asked_again(feeds, monkeypatch):
+    silent = Hub(verifies=False)
+    try:
+        monkeypatch.setattr(longpoll.settings, "public_url", "http://127.0.0.1:1")
+        f = longpoll.Feed(feeds.feed("/f.xml", hubbed(numbered(1, 2), silent.url)))
+        assert f.check() == 60
+        assert longpoll.keep_pushed(f, 60) == 60            # asked; polled as usual meanwhile
+        assert len(silent.requests) == 1
+        assert longpoll.push_status(f, longpoll.store.subscriptions()[f.url])["state"] == "subscribing"
+        now = time.time()
+        monkeypatch.setattr(longpoll.time, "time", lambda: now + 30)
+        longpoll.keep_pushed(f, 60)
+        assert len(silent.requests) == 1                    # not yet
+        monkeypatch.setattr(longpoll.time, "time", lambda: now + longpoll.VERIFY_WITHIN + 1)
+        state = longpoll.push_status(f, longpoll.store.subscriptions()[f.url])
+        assert state["state"] == "polled" and "has not verified" in state["why"]
+        longpoll.keep_pushed(f, 60)
+        assert len(silent.requests) == 2                    # asked again, with the same callback
+        assert silent.requests[1][0]["hub.callback"] == silent.requests[0][0]["hub.callback"]
+    finally:
+        silent.close()
