@@ -75,6 +75,7 @@ DEFAULT_FEEDS = [
 MAX_BODY_BYTES = 64 * 1024      # a POST larger than this is refused with 413
 MAX_ANSWER_BYTES = 256 * 1024   # of history in one answer; a client catching up asks again for the rest
 MAX_HISTORY = 10_000            # --history at most: every kept item is in memory, twice (fields and JSON)
+MAX_PAGE = 200                  # messages in one page of the chat's past (GET /chat/messages), at most
 MAX_MESSAGE_CHARS = 2000
 MAX_NICK_CHARS = 32
 MAX_CLIENT_ID_CHARS = 64
@@ -107,6 +108,9 @@ def parse_args(argv=None):
     p.add_argument("--history", type=history_size, default=200, metavar="N",
                    help=f"items kept per stream for clients that catch up (default: %(default)s; "
                         f"at most {MAX_HISTORY})")
+    p.add_argument("--keep", type=count, default=10_000, metavar="N",
+                   help="items the store keeps per stream, for the chat's past (GET /chat/messages); "
+                        "at least --history (default: %(default)s)")
     p.add_argument("--db", default="longpoll.db", metavar="PATH",
                    help="SQLite file keeping the history, feed state and posted client_ids across "
                         "restarts (default: %(default)s; :memory: keeps nothing)")
@@ -158,6 +162,9 @@ def parse_args(argv=None):
             p.error(f"--feeds {args.feeds}: {e}")
     elif not args.feed:
         args.feed = list(DEFAULT_FEEDS)
+    if args.keep < args.history:
+        p.error(f"--keep {args.keep} is below --history {args.history}: the store must keep at least "
+                "what memory serves to catching-up polls")
     if args.hub and not args.public_url:
         p.error("--hub needs --public-url: the hub pushes to this server's public address")
     if args.public_url:
@@ -450,12 +457,12 @@ def is_loopback(host):
         return False
 
 
-def parse_cursor():
-    text = bottle.request.query.get("cursor")
+def parse_cursor(name="cursor"):
+    text = bottle.request.query.get(name)
     if text is None:
         return None
     if not re.fullmatch(r"[0-9]{1,18}", text):
-        fail(400, "cursor must be a non-negative integer")
+        fail(400, f"{name} must be a non-negative integer")
     return int(text)
 
 
@@ -621,6 +628,23 @@ def post_message():
     # 200 for a copy that raced its original (to another process, say): posted once.
     bottle.response.status = 201 if new else 200
     return json_bytes(message)
+
+
+@app.get("/chat/messages")
+def past_messages():
+    """The chat's past, a page at a time and newest first, from the store, which
+    keeps --keep messages where memory keeps --history for the polls."""
+    before = parse_cursor("before")
+    limit = bottle.request.query.get("limit", "50")
+    if not (re.fullmatch(r"[0-9]{1,3}", limit) and 1 <= int(limit) <= MAX_PAGE):
+        fail(400, f"limit must be a whole number from 1 to {MAX_PAGE}")
+    try:
+        past, more = store.page(streams["chat"].key, before, int(limit))
+    except storage.StoreError:
+        fail(503, "the server cannot read its messages right now; try again shortly", Retry_After="10")
+    no_store()
+    bottle.response.content_type = "application/json"
+    return b'{"messages":[%s],"more":%s}' % (b",".join(map(json_bytes, past)), b"true" if more else b"false")
 
 
 # -- The feed poller ----------------------------------------------------------
@@ -1274,10 +1298,10 @@ def main(argv=None):
         sys.exit(f"longpoll: cannot listen on {settings.host}:{settings.port}: {e.strerror}")
     try:
         if settings.redis:
-            store = sharing.RedisStore(settings.redis, settings.history)
+            store = sharing.RedisStore(settings.redis, settings.history, settings.keep)
             posting = sharing.RedisBuckets(store)
         else:
-            store, posting = storage.Store(settings.db, settings.history), TokenBucket()
+            store, posting = storage.Store(settings.db, settings.history, settings.keep), TokenBucket()
         streams = open_streams(store, settings.history)
     except storage.StoreError as e:
         where = f"--redis {settings.redis}" if settings.redis else f"--db {settings.db}"

@@ -49,7 +49,7 @@ end
 
 # KEYS: counter, stream, client_id key or "" (posted:ID, holding the first id it
 # was posted with), feed key or ""
-# ARGV: id seen, history, feed state or "", the feed state it was worked out
+# ARGV: id seen, items kept (--keep), feed state or "", the feed state it was worked out
 # from ("" for none), then each item's fields as JSON.
 # Returns {first id}; for a client_id already posted, {0, its id}; for a feed
 # whose state another process has changed since, {-1} (storage.Conflict).
@@ -116,8 +116,8 @@ class RedisStore:
 
     shared = True       # ids come from Redis, and follow() brings every item into memory
 
-    def __init__(self, url, history):
-        self.url, self.history = url, history
+    def __init__(self, url, history, keep=None):
+        self.url, self.history, self.keep = url, history, keep or history   # as storage.Store's
         self.error = "not connected yet"   # why Redis cannot be used, while it cannot
         self.write_error = None     # why the last write failed, until a write succeeds
         self.seen = {}              # stream -> the last id the reader delivered
@@ -176,7 +176,7 @@ class RedisStore:
         fields = [json.dumps(f) for f in batch]
         state, previous = feed[1:] if feed else ("", "")
         reply = self.call(self.append_script, keys,
-                          [self.seen.get(stream, 0), self.history, state, previous or ""] + fields, writes=True)
+                          [self.seen.get(stream, 0), self.keep, state, previous or ""] + fields, writes=True)
         if reply[0] == -1:
             raise Conflict(feed[0])
         if reply[0] == 0:
@@ -196,6 +196,14 @@ class RedisStore:
         it, or None if no counter ever reached it (see ISSUED)."""
         top = self.call(self.issued_script, [PREFIX + stream + ":last"], [cursor])
         return None if top < 0 else top
+
+    def page(self, stream, before, limit):
+        """As storage.Store.page(), from the Redis stream, which keeps --keep items."""
+        if before == 0:
+            return [], False        # nothing is below 0, and "(0-0" is no id to Redis
+        newest = "+" if before is None else f"({before}-0"
+        entries = self.call(self.redis.xrevrange, PREFIX + stream, newest, "-", count=limit + 1)
+        return list(items(entries[:limit][::-1])), len(entries) > limit
 
     def posted(self, client_id, stream, fields):
         """The message first posted with this client_id (see item()), or None."""
@@ -249,10 +257,10 @@ class RedisStore:
                     top, kept = self.call(self.top_script, [PREFIX + key + ":last", PREFIX + key],
                                           [self.seen.get(key, 0)], client=self.reader)
                     if self.position[key] is None:
-                        # First contact: as if seen up to just before what Redis keeps,
-                        # so that the XREAD below brings the history.
-                        self.seen[key] = top - kept
-                        self.position[key] = f"{top - kept}-0"
+                        # First contact: as if seen up to just before the newest
+                        # --history of what Redis keeps, so that the XREAD below brings them.
+                        self.seen[key] = top - min(kept, self.history)
+                        self.position[key] = f"{self.seen[key]}-0"
                 self.connected()
                 while True:
                     # Up to 5 s, so a silent Redis is noticed by the socket timeout.

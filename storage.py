@@ -70,8 +70,10 @@ class Store:
 
     shared = False      # this process gives every id itself (see sharing.RedisStore)
 
-    def __init__(self, path, history):
-        self.path, self.history = path, history
+    def __init__(self, path, history, keep=None):
+        # history: the newest items load() gives the stream; keep: the items kept,
+        # for page() (the chat's past), at least history.
+        self.path, self.history, self.keep = path, history, keep or history
         self.error = None           # why the last write failed, while it is failing
         self.last_ids = {}          # stream -> its last id; this process alone gives ids
         self.deliver = None         # set by open_streams(): where each stored batch goes
@@ -118,18 +120,26 @@ class Store:
             self.transaction(lambda: self.db.execute("INSERT OR REPLACE INTO streams VALUES (?, ?)",
                                                      (stream, row[0])))
         self.last_ids[stream] = row[0]
-        rows = self.db.execute(
-            "SELECT id, item FROM (SELECT id, item FROM items WHERE stream = ? ORDER BY id DESC LIMIT ?)"
-            " ORDER BY id", (stream, self.history))
+        items, _ = self.page(stream, None, self.history)
+        return items, row[0]
+
+    def page(self, stream, before, limit):
+        """(up to limit of the newest items with ids below before -- None: of all --
+        oldest first; whether older ones are kept). A damaged row is left out."""
+        try:
+            rows = self.db.execute("SELECT id, item FROM items WHERE stream = ? AND id < ? ORDER BY id DESC LIMIT ?",
+                                   (stream, 2 ** 63 - 1 if before is None else before, limit + 1)).fetchall()
+        except sqlite3.Error as e:
+            raise StoreError(explain(e, self.path)) from None
         items = []
-        for item_id, text in rows:
+        for item_id, text in reversed(rows[:limit]):
             try:
                 if not isinstance(item_id, int):
                     raise TypeError("not an id")
                 items.append({**json.loads(text), "id": item_id})   # ** refuses JSON that is not an object
             except (TypeError, ValueError):
                 self.warn(f"left out a damaged item of {stream} (row id {item_id!r})")
-        return items, row[0]
+        return items, len(rows) > limit
 
     def warn(self, what):
         print(f"longpoll: --db {self.path}: {what}; delete the row, or move the file away to start afresh",
@@ -154,7 +164,7 @@ class Store:
                                 [(stream, item["id"], json.dumps(item)) for item in items])
             if items:
                 self.db.execute("DELETE FROM items WHERE stream = ? AND id <= ?",
-                                (stream, items[-1]["id"] - self.history))
+                                (stream, items[-1]["id"] - self.keep))
                 self.db.execute("UPDATE streams SET last_id = ? WHERE stream = ?", (items[-1]["id"], stream))
             if client_id:
                 now = time.time()

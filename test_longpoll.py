@@ -494,7 +494,7 @@ def test_bad_cursor_is_400(server, cursor):
 
 
 @pytest.mark.parametrize("method,path", [
-    ("PUT", "/chat/messages"), ("DELETE", "/chat/messages"), ("GET", "/chat/messages"),
+    ("PUT", "/chat/messages"), ("DELETE", "/chat/messages"), ("PATCH", "/chat/messages"),
     ("POST", "/chat/updates"), ("POST", "/feed/updates"), ("POST", "/status")])
 def test_wrong_method_is_405(server, method, path):
     resp = server.request(method, path, body="{}", headers=JSON)
@@ -1916,10 +1916,10 @@ def test_a_redis_restored_from_an_older_copy_tells_newer_cursors_of_the_gap(clus
 
 
 def test_redis_keeps_the_history_bounded_and_client_ids_an_hour(cluster, redis_server):
-    a, = cluster(1, "--history", "5", "--post-burst", "100")
+    a, = cluster(1, "--history", "3", "--keep", "5", "--post-burst", "100")
     for n in range(12):
         assert a.post({"body": f"m{n}", "client_id": f"k{n}"}).status == 201
-    assert redis_server.cli("XLEN", "longpoll:messages") == "5"            # MAXLEN --history
+    assert redis_server.cli("XLEN", "longpoll:messages") == "5"            # MAXLEN --keep
     ttl = int(redis_server.cli("TTL", "longpoll:posted:k0"))
     assert storage.CLIENT_IDS_KEPT - 60 < ttl <= storage.CLIENT_IDS_KEPT == 3600
     # A client_id keeps only the id: a copy of each message (up to 8 KB) for an hour would be more than the history.
@@ -2296,3 +2296,68 @@ def test_a_subscription_never_verified_is_reported_after_a_minute_and_asked_agai
         assert silent.requests[1][0]["hub.callback"] == silent.requests[0][0]["hub.callback"]
     finally:
         silent.close()
+
+
+# -- The chat's past -------------------------------------------------------------
+
+
+def page_back(srv, limit):
+    """Every message the store keeps, paged back from the newest with GET /chat/messages; and the pages' sizes."""
+    got, sizes, before = [], [], None
+    while True:
+        resp = srv.get("/chat/messages?limit=%d%s" % (limit, "" if before is None else f"&before={before}"))
+        assert resp.status == 200 and resp.headers["Cache-Control"] == "no-store"
+        page = resp.json()
+        assert set(page) == {"messages", "more"}
+        got[:0], before = page["messages"], page["messages"][0]["id"] if page["messages"] else before
+        sizes.append(len(page["messages"]))
+        if not page["more"]:
+            return got, sizes
+
+
+def test_the_past_is_paged_back_to_the_oldest_kept_each_once_in_order(start):
+    srv = start("--history", "10", "--keep", "30", "--post-burst", "100")
+    posted = [srv.post({"body": f"m{n}"}).json() for n in range(45)]
+    assert len(srv.get("/chat/updates").json()["messages"]) == 10      # memory keeps --history for the polls
+    got, sizes = page_back(srv, 7)
+    assert got == posted[-30:] and sizes == [7, 7, 7, 7, 2]             # each once, oldest first, --keep of them
+    newest = srv.get("/chat/messages").json()                           # no before: the newest; limit 50
+    assert newest == {"messages": posted[-30:], "more": False}
+    assert srv.get(f"/chat/messages?before={posted[-1]['id']}&limit=2").json() == {
+        "messages": posted[-3:-1], "more": True}
+    assert srv.get(f"/chat/messages?before={posted[-30]['id']}").json() == {"messages": [], "more": False}
+    assert srv.get("/chat/messages?before=0").json() == {"messages": [], "more": False}
+
+
+def test_the_past_survives_a_restart_with_the_database(start, tmp_path):
+    db = str(tmp_path / "longpoll.db")
+    first = start("--db", db, "--history", "5", "--post-burst", "100")
+    posted = [first.post({"body": f"m{n}"}).json() for n in range(12)]
+    first.stop()
+    again = start("--db", db, "--history", "5")
+    assert page_back(again, 5) == (posted, [5, 5, 2])
+
+
+@pytest.mark.parametrize("query", ["before=-1", "before=x", "before=1.5", "before=", "limit=0", "limit=201",
+                                   "limit=x", "limit=1.5", "limit=", "limit=-3", "before=1" + "0" * 18])
+def test_bad_paging_parameters_are_a_400(server, query):
+    before = server.cursor()
+    resp = server.get(f"/chat/messages?{query}")
+    assert resp.status == 400 and resp.json()["error"] and server.cursor() == before
+
+
+def test_keep_below_history_is_refused_at_start():
+    proc = subprocess.run([sys.executable, "longpoll.py", "--keep", "5", "--history", "10"], cwd=HERE,
+                          capture_output=True, text=True, timeout=10)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("longpoll.py: error: --keep 5 is below --history 10:")
+
+
+def test_every_process_pages_back_through_what_redis_keeps(cluster, redis_server):
+    a, b = cluster(2, "--history", "4", "--keep", "20", "--post-burst", "100")
+    posted = [a.post({"body": f"m{n}"}).json() for n in range(30)]
+    b.wait_for(lambda s: s["streams"]["chat"]["last_id"] == posted[-1]["id"])
+    assert redis_server.cli("XLEN", "longpoll:messages") == "20"
+    for srv in (a, b):
+        assert page_back(srv, 6) == (posted[-20:], [6, 6, 6, 2])
+        assert srv.status()["streams"]["chat"]["kept"] == 4
