@@ -393,6 +393,50 @@ def test_the_page_survives_a_restart_with_its_database_and_misses_nothing(start,
     expect(page.locator("#messages .gap")).to_have_count(0)         # nothing was missed, so no notice
 
 
+def test_scrolling_to_the_top_brings_back_every_kept_message_in_order_once(start, open_page):
+    from playwright.sync_api import expect
+    srv = start("--history", "20", "--post-burst", "1000", "--poll-timeout", "5")
+    bodies = [f"message {n}" for n in range(130)]
+    for text in bodies:
+        srv.post({"nick": "past", "body": text})
+    page = open_page(f"http://127.0.0.1:{srv.port}/", viewport={"width": 1280, "height": 720})
+    shown = page.locator("#messages .message")
+    expect(shown).to_have_count(20)                 # what the poll brings: --history of them
+    for count in (70, 120, 130):
+        page.evaluate("document.getElementById('messages').scrollTop = 0")
+        expect(shown).to_have_count(count)
+        # The reader's place is kept: the message at the top before is still in view.
+        assert page.evaluate("document.getElementById('messages').scrollTop") > 40
+    expect(page.locator("#messages .past")).to_have_text("The beginning")
+    expect(page.locator("#messages .text")).to_have_text(bodies)
+
+
+@pytest.mark.parametrize("keep, filled", [(1000, True), (12, False)], ids=["all kept", "some lost"])
+def test_messages_missed_while_away_are_filled_from_the_store(start, new_context, keep, filled):
+    from playwright.sync_api import expect
+    srv = start("--history", "5", "--keep", str(keep), "--post-burst", "1000", "--poll-timeout", "5")
+    srv.post({"body": "before"})
+    context = new_context()
+    page = context.new_page()
+    page.goto(f"http://127.0.0.1:{srv.port}/")
+    expect(page.locator("#state")).to_have_text("Live")
+    expect(page.locator("#messages .text")).to_have_text(["before"])
+    context.set_offline(True)
+    # The parked poll ends at its timeout; the next one finds the browser offline.
+    expect(page.locator("#state")).to_have_text("Reconnecting…", timeout=15000)
+    away = [f"while away {n}" for n in range(30)]
+    for text in away:
+        srv.post({"body": text})
+    context.set_offline(False)
+    if filled:      # the store had every one: nothing to say
+        expect(page.locator("#messages .text")).to_have_text(["before"] + away, timeout=20000)
+        expect(page.locator("#messages .gap")).to_have_count(0)
+    else:           # only the newest 12 are kept: those, and the notice before them
+        expect(page.locator("#messages .text")).to_have_text(["before"] + away[-12:], timeout=20000)
+        expect(page.locator("#messages .gap")).to_have_text(["Some messages were missed while you were away."])
+        assert page.evaluate("document.querySelector('#messages .gap').nextElementSibling.textContent").endswith(away[-12])
+
+
 # Titles that are markup-looking text (escaped once more, as a feed would send
 # text), summaries that are real markup (which the server strips), and javascript: links.
 HOSTILE_ENTRIES = [(f"urn:h{n}", escape(text), "javascript:window.pwned=9", text + " summary")

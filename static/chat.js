@@ -6,7 +6,9 @@ const nick = document.getElementById("nick");
 const body = document.getElementById("body");
 const form = document.getElementById("compose");
 const notice = document.getElementById("notice");
-const KEEP = 500;   // messages kept on the page
+const KEEP = 500;   // messages kept on the page while the reader is at the bottom
+const PAGE = 50;    // messages asked for at a time when scrolling back
+const MISSED = "Some messages were missed while you were away.";
 
 nick.value = recall("longpoll.nick") || "";
 nick.addEventListener("input", () => remember("longpoll.nick", nick.value.trim()));
@@ -27,8 +29,10 @@ function linkify(parent, text) {
   parent.append(text.slice(last));
 }
 
-function show(m) {
+// Make a message's element; the caller puts it in its place.
+function render(m) {
   const item = el("li", "message");
+  item.dataset.id = m.id;
   if (m.nick === (nick.value.trim() || "anonymous")) item.classList.add("mine");
   const meta = el("div", "meta");
   meta.append(el("span", "nick", m.nick));
@@ -40,17 +44,107 @@ function show(m) {
   const text = el("div", "text");
   linkify(text, m.body);
   item.append(meta, text);
-  messages.append(item);
+  return item;
 }
 
-longPoll("/chat/updates", "messages", (batch, gap) => {
+// The top of the log: "Loading…" while the page before it is fetched, "The
+// beginning" once the store holds nothing older.
+const past = el("li", "past");
+past.hidden = true;
+messages.append(past);
+let oldest = null;          // id of the oldest message shown
+let newest = null;          // id of the newest
+let beginning = false;
+let loading = false;
+
+function mark(text) {
+  past.textContent = text;
+  past.hidden = !text;
+}
+
+function isShown(id) {
+  return messages.querySelector(`.message[data-id="${id}"]`) !== null;
+}
+
+// A page of the chat's past, from the store (it keeps more than the polls serve).
+async function pastPage(before, limit) {
+  const query = before === null ? "" : `&before=${before}`;
+  const res = await fetch(`/chat/messages?limit=${limit}${query}`, {cache: "no-store", headers: {Accept: "application/json"}});
+  if (!res.ok) throw new Error("HTTP " + res.status);
+  return res.json();
+}
+
+// Scrolled to the top: the page before the oldest shown goes above it, and the
+// reader stays on the message they were reading.
+async function loadOlder() {
+  if (loading || beginning || messages.scrollTop > 40) return;
+  loading = true;
+  mark("Loading earlier messages…");
+  try {
+    const page = await pastPage(oldest, PAGE);
+    const height = messages.scrollHeight;
+    const first = past.nextElementSibling;
+    each(page.messages.filter(m => !isShown(m.id)), m => messages.insertBefore(render(m), first));
+    if (page.messages.length) oldest = page.messages[0].id;
+    beginning = !page.more;
+    messages.scrollTop += messages.scrollHeight - height;
+    mark(beginning && oldest !== null ? "The beginning" : "");
+  } catch (err) {
+    mark("");               // the next scroll to the top tries again
+    return;
+  } finally {
+    loading = false;
+  }
+  loadOlder();              // a log still too short to scroll gets the page before too
+}
+messages.addEventListener("scroll", loadOlder);
+
+// A poll that says it skipped messages (the browser was away longer than the
+// server's memory): fill the hole from the store, and say only what it no longer holds.
+async function fillGap(notice, after, before) {
+  let found = [], reached = false, more = true;
+  try {
+    while (more && !reached) {
+      const page = await pastPage(before, 200);
+      reached = page.messages.some(m => m.id <= after);
+      found = page.messages.filter(m => m.id > after).concat(found);
+      more = page.more && page.messages.length > 0;
+      if (page.messages.length) before = page.messages[0].id;
+    }
+  } catch (err) { /* what could not be fetched is said missed */ }
+  // The notice stays where the hole is: before what the store still had.
+  const place = reached ? notice : notice.nextSibling;
+  each(found.filter(m => !isShown(m.id)), m => messages.insertBefore(render(m), place));
+  if (reached) notice.remove();
+  else notice.textContent = MISSED;
+}
+
+longPoll("/chat/updates", "messages", (batch, gap, first) => {
   const atBottom = messages.scrollHeight - messages.scrollTop - messages.clientHeight < 40;
-  if (gap) messages.append(el("li", "gap", "Some messages were missed while you were away."));
-  each(batch, show);
-  while (messages.children.length > KEEP) messages.firstElementChild.remove();
+  if (gap && newest !== null) {
+    const notice = el("li", "gap", "Fetching what you missed…");
+    messages.append(notice);
+    fillGap(notice, newest, batch.length ? batch[0].id : null);
+  }
+  each(batch, m => messages.append(render(m)));
+  if (batch.length) {
+    newest = batch[batch.length - 1].id;
+    if (oldest === null) oldest = batch[0].id;
+  }
+  if (atBottom) {
+    // The reader is at the bottom: the top goes, and can be scrolled back to.
+    const shown = messages.querySelectorAll(".message");
+    for (let i = 0; i < shown.length - KEEP; i++) shown[i].remove();
+    if (shown.length > KEEP) {
+      oldest = Number(messages.querySelector(".message").dataset.id);
+      beginning = false;
+      mark("");
+    }
+  }
   if (atBottom || batch.some(m => m.nick === nick.value.trim())) {
     messages.scrollTop = messages.scrollHeight;
   }
+  if (first) loadOlder();
 });
 
 function say(text) {
