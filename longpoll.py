@@ -28,9 +28,11 @@ eventlet.monkey_patch()
 import argparse
 import base64
 import collections
+import contextlib
 import email.utils
 import functools
 import gc
+import hashlib
 import hmac
 import html.parser
 import ipaddress
@@ -76,6 +78,9 @@ MAX_BODY_BYTES = 64 * 1024      # a POST larger than this is refused with 413
 MAX_ANSWER_BYTES = 256 * 1024   # of history in one answer; a client catching up asks again for the rest
 MAX_HISTORY = 10_000            # --history at most: every kept item is in memory, twice (fields and JSON)
 MAX_PAGE = 200                  # messages in one page of the chat's past (GET /chat/messages), at most
+PRESENCE_TICK = 0.5             # who is here is worked out this often: a wave of joins is a few snapshots
+LEAVE_DELAY = 1.5               # a browser that said it left is gone after this, unless it polls again (a reload)
+MAX_HERE = 100                  # nicks listed in a presence snapshot, at most
 MAX_MESSAGE_CHARS = 2000
 MAX_NICK_CHARS = 32
 MAX_CLIENT_ID_CHARS = 64
@@ -124,6 +129,9 @@ def parse_args(argv=None):
     p.add_argument("--connections-per-address", type=count, default=1000, metavar="N",
                    help="connections one client address may hold open, whatever they are doing; more are "
                         "closed at once (default: %(default)s; a --trusted-proxy is not limited)")
+    p.add_argument("--presence-grace", type=positive, default=10.0, metavar="SECONDS",
+                   help="how long a browser stays present after its last chat poll ended "
+                        "(default: %(default)s)")
     p.add_argument("--post-rate", type=positive, default=2.0, metavar="PER_SECOND",
                    help="chat messages per second one client address may post over time (default: %(default)s)")
     p.add_argument("--post-burst", type=count, default=10, metavar="N",
@@ -469,22 +477,28 @@ def parse_cursor(name="cursor"):
 parked_by_address = collections.Counter()     # client address -> polls it has parked now
 
 
-def updates(stream):
-    cursor = parse_cursor()
+def updates(stream, cursor):
+    with parked():
+        items, cursor, gap = stream.wait(cursor, settings.poll_timeout)
+    no_store()
+    bottle.response.content_type = "application/json"
+    return stream.answer(items, cursor, gap)
+
+
+@contextlib.contextmanager
+def parked():
+    """Count a poll parked from the client's address while it waits."""
     # One address may not hold every connection (and the memory they cost).
     address = client_address()
     if parked_by_address[address] >= settings.polls_per_address:
         fail(429, "too many polls from your address; try again later", Retry_After="5")
     parked_by_address[address] += 1
     try:
-        items, cursor, gap = stream.wait(cursor, settings.poll_timeout)
+        yield
     finally:
         parked_by_address[address] -= 1
         if not parked_by_address[address]:
             del parked_by_address[address]     # else the table keeps every address ever seen
-    no_store()
-    bottle.response.content_type = "application/json"
-    return stream.answer(items, cursor, gap)
 
 
 def from_trusted_proxy():
@@ -645,6 +659,153 @@ def past_messages():
     no_store()
     bottle.response.content_type = "application/json"
     return b'{"messages":[%s],"more":%s}' % (b",".join(map(json_bytes, past)), b"true" if more else b"false")
+
+
+# -- Who is here --------------------------------------------------------------
+# The third stream. Every chat poll that names its browser is a heartbeat; one
+# poll per browser (the pages' leader tab) makes a browser one entry whatever
+# its tabs. Snapshots of who is here are published on a Stream of their own,
+# at most twice a second, and /presence/updates waits on it as polls do.
+
+
+class Presence:
+    """The browsers whose chat polls say who they are, while they keep polling."""
+
+    def __init__(self):
+        self.local = {}         # browser -> what this process knows of it (see arrive())
+        self.by_address = collections.Counter()     # client address -> browsers it has here
+        self.leaves = {}        # browser -> when it said it left
+        self.snapshot = {"here": [], "count": 0}
+        self.cursor = digest(self.snapshot)
+
+    def arrive(self):
+        """A chat poll begins: its browser (validated, or a 400) is present, if it names one."""
+        query = bottle.request.query
+        browser = query.get("browser")
+        if browser is None:
+            return None         # curl, other clients: served, not counted
+        if not re.fullmatch(r"[A-Za-z0-9_-]{8,64}", browser):
+            fail(400, "browser must be 8 to 64 of A-Z, a-z, 0-9, _ and -")
+        nick = query.getunicode("nick", default=None) if "nick" in query else ""
+        if nick is None:
+            fail(400, "nick must be UTF-8")
+        nick = text_field({"nick": nick}, "nick", MAX_NICK_CHARS, refused=BIDI_CONTROLS)
+        entry = self.local.get(browser)
+        if entry is None:
+            address = client_address()
+            if self.by_address[address] >= settings.polls_per_address:
+                return None     # one address cannot fill the room: served, not counted
+            self.by_address[address] += 1
+            entry = self.local[browser] = {"address": address, "polls": 0, "ended": 0}
+        entry.update(nick=nick, polled=time.time())
+        entry["polls"] += 1
+        return browser
+
+    def depart(self, browser):
+        """A chat poll of the browser ended; it is present for --presence-grace more."""
+        entry = self.local[browser]
+        entry["polls"] -= 1
+        entry["ended"] = time.time()
+
+    def leave(self, browser):
+        self.leaves[browser] = time.time()
+        store.leave(browser, self.leaves[browser])
+
+    def mine(self, now):
+        """{browser: [nick, start of its last poll, until when it is present]} of this process."""
+        kept = {}
+        for browser, e in list(self.local.items()):
+            until = now + settings.presence_grace if e["polls"] else e["ended"] + settings.presence_grace
+            if until > now:
+                kept[browser] = [e["nick"], e["polled"], until]
+            else:
+                del self.local[browser]
+                self.by_address[e["address"]] -= 1
+                if not self.by_address[e["address"]]:
+                    del self.by_address[e["address"]]
+        return kept
+
+    def tick(self):
+        """Work out who is here, with every process (through the store), and publish it if it changed."""
+        now = time.time()
+        self.leaves = {b: t for b, t in self.leaves.items() if now - t < settings.presence_grace + 60}
+        everyone, leaves = store.presence(self.mine(now), self.leaves)
+        # Gone: a browser that left, once LEAVE_DELAY is over, unless a poll began since.
+        here = [e for b, e in everyone.items()
+                if e[2] > now and not (b in leaves and e[1] <= leaves[b] and now >= leaves[b] + LEAVE_DELAY)]
+        snapshot = {"here": sorted({e[0] for e in here if e[0]}, key=str.casefold)[:MAX_HERE], "count": len(here)}
+        if snapshot != self.snapshot:
+            self.snapshot, self.cursor = snapshot, digest(snapshot)
+            streams["presence"].publish(snapshot)
+
+    def run(self):
+        while True:
+            try:
+                self.tick()
+            except storage.StoreError:
+                pass            # the storage row of /status says why; presence goes on from what it has
+            eventlet.sleep(PRESENCE_TICK)
+
+    def answer(self):
+        no_store()
+        bottle.response.content_type = "application/json"
+        return json_bytes({**self.snapshot, "cursor": self.cursor})
+
+
+def digest(snapshot):
+    """A presence cursor: the same snapshot has the same cursor in every process (52 bits, exact in JavaScript)."""
+    return int(hashlib.sha256(json_bytes(snapshot)).hexdigest()[:13], 16)
+
+
+class Snapshots:
+    """The presence stream's store: ids given here, nothing kept (presence fills
+    again within one poll timeout after a restart)."""
+
+    def __init__(self):
+        self.deliver, self.last_id = None, 0
+
+    def load(self, key):
+        return [], 0
+
+    def append(self, key, batch):
+        items = [{"id": self.last_id + n, **fields} for n, fields in enumerate(batch, 1)]
+        self.last_id += len(items)
+        self.deliver(key, items)
+        return items, True
+
+    def issued(self, key, cursor):
+        return None
+
+
+presence = None     # main(): a Presence
+
+
+@app.get("/presence")
+def who_is_here():
+    return presence.answer()
+
+
+@app.get("/presence/updates")
+def presence_updates():
+    """At once if presence differs from the cursor, else when it changes or at the poll timeout."""
+    cursor = parse_cursor()
+    if cursor == presence.cursor:
+        stream = streams["presence"]
+        with parked():
+            stream.wait(stream.last_id, settings.poll_timeout)
+    return presence.answer()
+
+
+@app.post("/chat/leave")
+def leave():
+    browser = json_body().get("browser")
+    if not (isinstance(browser, str) and re.fullmatch(r"[A-Za-z0-9_-]{8,64}", browser)):
+        fail(400, "browser must be 8 to 64 of A-Z, a-z, 0-9, _ and -")
+    try:
+        presence.leave(browser)
+    except storage.StoreError:
+        fail(503, "the server cannot record that right now", Retry_After="10")
+    bottle.response.status = 204
 
 
 # -- The feed poller ----------------------------------------------------------
@@ -1120,7 +1281,14 @@ def accepted():
 def stream_updates(name):
     if name not in streams:
         fail(404, f"no stream named {name}")
-    return updates(streams[name])
+    cursor = parse_cursor()
+    # A chat poll may say which browser polls: every poll is a heartbeat.
+    browser = presence.arrive() if name == "chat" else None
+    try:
+        return updates(streams[name], cursor)
+    finally:
+        if browser:
+            presence.depart(browser)
 
 
 @app.get("/status")
@@ -1247,6 +1415,8 @@ class Protocol(eventlet.wsgi.HttpProtocol):
     def parse_request(self):
         if not super().parse_request():
             return False
+        # The access log shows the request line: never with a browser's presence id in it.
+        self.requestline = re.sub(r"([?&]browser=)[^&\s]*", r"\1-", self.requestline)
         # Where two readers of a request could disagree on where its body ends
         # (a proxy in front, and this server), a request could hide another in
         # its body: refuse what nginx refuses, before reading any of it.
@@ -1288,7 +1458,7 @@ def open_files_limit():
 
 
 def main(argv=None):
-    global settings, store, posting, streams
+    global settings, store, posting, streams, presence
     settings = parse_args(argv)
     settings.loopback_only = is_loopback(settings.host)
     try:
@@ -1303,6 +1473,9 @@ def main(argv=None):
         else:
             store, posting = storage.Store(settings.db, settings.history, settings.keep), TokenBucket()
         streams = open_streams(store, settings.history)
+        snapshots = Snapshots()
+        streams["presence"] = Stream("presence", snapshots, 1)
+        snapshots.deliver = lambda key, items: streams["presence"].add(items)
     except storage.StoreError as e:
         where = f"--redis {settings.redis}" if settings.redis else f"--db {settings.db}"
         sys.exit(f"longpoll: {where}: {e}")
@@ -1316,6 +1489,8 @@ def main(argv=None):
     feeds[:] = [Feed(url) for url in dict.fromkeys(settings.feed)]
     for f in feeds:
         eventlet.spawn(f.run)
+    presence = Presence()
+    eventlet.spawn(presence.run)
     # A request leaves no garbage cycles (Protocol, error_body(), rendered()),
     # so the collector has little to find, yet a full collection scans every
     # parked client's objects (half a second at 10,000), landing in a park wave

@@ -21,7 +21,9 @@ redis-py's sockets are green.
 """
 
 import json
+import secrets
 import sys
+import time
 import urllib.parse
 
 import eventlet
@@ -123,6 +125,7 @@ class RedisStore:
         self.seen = {}              # stream -> the last id the reader delivered
         self.position = {}          # stream -> the entry XREAD goes on after (None: not read yet)
         self.deliver = None         # set by open_streams(): where each item read goes
+        self.process = secrets.token_hex(8)     # this process's name in the presence Redis keeps
         # No retries: a write whose answer was lost may have happened, and doing
         # it again would publish twice. The caller answers 503 and the client retries.
         options = dict(decode_responses=True, socket_connect_timeout=2,
@@ -242,6 +245,51 @@ class RedisStore:
 
     def subscribe(self, url, record):
         self.call(self.redis.hset, PREFIX + "subscriptions", url, json.dumps(record), writes=True)
+
+    def presence(self, mine, leaves):
+        """Share this process's present browsers (longpoll.Presence.mine()) and hear
+        every process's, with every leave. Each process keeps its own hash, which
+        lapses if the process dies; the browser ids stay in Redis."""
+        now = time.time()
+        key = PREFIX + "here:" + self.process
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.delete(key)
+        if mine:
+            pipe.hset(key, mapping={b: json.dumps(e) for b, e in mine.items()})
+            pipe.expire(key, 5)
+        pipe.zadd(PREFIX + "here", {self.process: now})
+        pipe.zremrangebyscore(PREFIX + "here", 0, now - 5)
+        pipe.zrange(PREFIX + "here", 0, -1)
+        pipe.hgetall(PREFIX + "left")
+        *_, processes, left = self.call(pipe.execute, writes=True)
+        pipe = self.redis.pipeline(transaction=False)
+        for process in processes:
+            pipe.hgetall(PREFIX + "here:" + process)
+        everyone = {}
+        for hash_ in self.call(pipe.execute):
+            for browser, text in hash_.items():
+                try:
+                    nick, polled, until = json.loads(text)
+                except (TypeError, ValueError):
+                    continue
+                seen = everyone.get(browser)
+                if seen is None or polled > seen[1]:    # the process that had its latest poll has its nick
+                    everyone[browser] = [nick, polled, max(until, seen[2] if seen else until)]
+                else:
+                    seen[2] = max(seen[2], until)
+        shared = {}
+        for browser, when in left.items():
+            try:
+                shared[browser] = float(when)
+            except ValueError:
+                continue
+        stale = [b for b, t in shared.items() if now - t > 120]
+        if stale:
+            self.call(self.redis.hdel, PREFIX + "left", *stale, writes=True)
+        return everyone, {**shared, **leaves}
+
+    def leave(self, browser, when):
+        self.call(self.redis.hset, PREFIX + "left", browser, repr(when), writes=True)
 
     def start(self):
         """Start the reader: this process learns of every item, its own included, from Redis."""

@@ -225,6 +225,13 @@ class Store:
         self.transaction(lambda: self.db.execute("INSERT OR REPLACE INTO subscriptions VALUES (?, ?)",
                                                  (url, json.dumps(record))))
 
+    def presence(self, mine, leaves):
+        """(every process's present browsers, every leave): here, only this process's."""
+        return mine, leaves
+
+    def leave(self, browser, when):
+        pass
+
     def start(self):
         """Nothing to follow: every item here was published by this process."""
 

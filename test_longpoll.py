@@ -294,6 +294,7 @@ def test_requests_leave_no_garbage_cycles(monkeypatch):
     monkeypatch.setattr(longpoll, "store", store)
     monkeypatch.setattr(longpoll, "posting", longpoll.TokenBucket())
     monkeypatch.setattr(longpoll, "streams", longpoll.open_streams(store, 10))
+    monkeypatch.setattr(longpoll, "presence", longpoll.Presence())
     listener = eventlet.listen(("127.0.0.1", 0))
     server = eventlet.spawn(eventlet.wsgi.server, listener, longpoll.app, protocol=longpoll.Protocol,
                             log_output=False, debug=False, socket_timeout=5, keepalive=5)
@@ -302,6 +303,8 @@ def test_requests_leave_no_garbage_cycles(monkeypatch):
     requests = [(b"GET /status", b"", b""), (b"GET /chat/updates", b"", b""),
                 (b"GET /chat/updates?cursor={cursor}", b"", b""), (b"GET /nowhere", b"", b""),
                 (b"GET /chat/updates?cursor=x", b"", b""), (b"GET /", b"", b""),
+                (b"GET /chat/updates?browser=browser-a&nick=al", b"", b""), (b"GET /presence", b"", b""),
+                (b"GET /chat/updates?browser=bad", b"", b""),
                 (b"GET /static/poll.js", b"", b""), (b"DELETE /status", b"", b""),
                 (b"POST /chat/messages", b"", b""),
                 (b"POST /chat/messages", b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(post), post)]
@@ -2361,3 +2364,159 @@ def test_every_process_pages_back_through_what_redis_keeps(cluster, redis_server
     for srv in (a, b):
         assert page_back(srv, 6) == (posted[-20:], [6, 6, 6, 2])
         assert srv.status()["streams"]["chat"]["kept"] == 4
+
+
+# -- Who is here ------------------------------------------------------------------
+
+
+def here(srv):
+    answer = srv.get("/presence").json()
+    return answer["here"], answer["count"]
+
+
+def poll_as(srv, browser, nick="", cursor=None, **kw):
+    query = f"browser={browser}&nick={quote(nick)}" + ("" if cursor is None else f"&cursor={cursor}")
+    return srv.get(f"/chat/updates?{query}", **kw)
+
+
+@pytest.fixture
+def room(start):
+    """An app whose polls time out after 1 s, and whose browsers stay 2 s after their last poll."""
+    return start("--poll-timeout", "1", "--presence-grace", "2")
+
+
+def test_a_browser_is_present_while_it_polls_one_entry_whatever_its_polls(room):
+    assert here(room) == ([], 0)
+    cursor = room.cursor()
+    poll_as(room, "browser-a", "alice")
+    room.wait_for(lambda s: True) and None
+    deadline = time.monotonic() + 1
+    while here(room) != (["alice"], 1):              # others see it within 1 s
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    # Through several poll timeouts, two polls of the browser at once, and another browser unnamed.
+    polls = [spawn_poll(room, f"/chat/updates?browser=browser-a&nick=alice&cursor={cursor}") for _ in range(2)]
+    other = spawn_poll(room, f"/chat/updates?browser=browser-b&cursor={cursor}")
+    for _ in range(3):
+        time.sleep(0.6)
+        assert here(room)[0] == ["alice"]
+    assert here(room) == (["alice"], 2)
+    for p in polls + [other]:
+        assert p.wait().status == 200
+    # Its nick goes with its polls.
+    poll_as(room, "browser-a", "Alice Two", cursor=None)
+    room_wait(room, lambda h: h == (["Alice Two"], 2))
+
+
+def room_wait(srv, predicate, timeout=5):
+    deadline = time.monotonic() + timeout
+    while not predicate(here(srv)):
+        assert time.monotonic() < deadline, here(srv)
+        time.sleep(0.05)
+    return time.monotonic() + timeout - deadline
+
+
+def test_a_silent_browser_is_gone_after_its_grace_and_sorted_names_are_listed(room):
+    for browser, nick in (("browser-b", "bob"), ("browser-z", "Zed"), ("browser-a", "alice"), ("browser-c", "")):
+        poll_as(room, browser, nick)
+    room_wait(room, lambda h: h == (["alice", "bob", "Zed"], 4))       # case-insensitive order
+    ended = time.monotonic()
+    room_wait(room, lambda h: h == ([], 0), timeout=5)
+    assert time.monotonic() - ended > 1.5                                 # not before its grace (2 s)
+
+
+def test_a_leave_takes_effect_within_2_s_unless_the_browser_polls_again(room):
+    cursor = room.cursor()
+    parked = spawn_poll(room, f"/chat/updates?browser=browser-a&nick=alice&cursor={cursor}")
+    room_wait(room, lambda h: h[1] == 1)
+    # A leave while its poll is parked: gone, and the parked poll ending does not bring it back.
+    assert room.request("POST", "/chat/leave", body={"browser": "browser-a"}).status == 204
+    left = time.monotonic()
+    room_wait(room, lambda h: h == ([], 0))
+    assert time.monotonic() - left < 2.1
+    parked.wait()
+    time.sleep(0.6)
+    assert here(room) == ([], 0)
+    # A leave followed by a poll (a reload): never shown leaving.
+    poll_as(room, "browser-b", "bob")
+    room_wait(room, lambda h: h == (["bob"], 1))
+    assert room.request("POST", "/chat/leave", body={"browser": "browser-b"}).status == 204
+    for _ in range(4):              # the page reloading: its first poll comes most of a second later
+        time.sleep(0.2)
+        assert here(room) == (["bob"], 1)
+    reloaded = spawn_poll(room, f"/chat/updates?browser=browser-b&nick=bob&cursor={room.cursor()}")
+    for _ in range(5):
+        time.sleep(0.5)
+        assert here(room) == (["bob"], 1)
+    reloaded.wait()
+
+
+@pytest.mark.parametrize("query", ["browser=short", "browser=" + "a" * 65, "browser=bad%20id!",
+                                   "browser=browser-a&nick=%E2%80%AEevil", "browser=browser-a&nick=a%00b",
+                                   "browser=browser-a&nick=" + "n" * 33, "browser=browser-a&nick=%FF"])
+def test_a_bad_browser_or_nick_is_a_400_that_changes_nothing(server, query):
+    before = server.get("/presence").json()
+    resp = server.get(f"/chat/updates?{query}")
+    assert resp.status == 400 and resp.json()["error"]
+    time.sleep(0.6)
+    assert server.get("/presence").json() == before
+
+
+def test_leave_takes_json_from_the_same_origin_only(server):
+    assert server.request("POST", "/chat/leave", body={"browser": "x"}).status == 400
+    assert server.request("POST", "/chat/leave", body=b"browser", headers=JSON).status == 400
+    assert server.request("POST", "/chat/leave", body={"browser": "browser-a"},
+                          headers={"Origin": "http://evil.example"}).status == 403
+
+
+def test_one_address_makes_at_most_its_share_of_browsers_present(start):
+    srv = start("--polls-per-address", "2", "--presence-grace", "30")
+    for n in range(4):
+        assert poll_as(srv, f"browser-{n}", f"n{n}").status == 200      # served, not all counted
+    poll_as(srv, "browser-other", "other", source=loopback(1))
+    room_wait(srv, lambda h: h == (["n0", "n1", "other"], 3))
+
+
+def test_no_browser_id_appears_in_any_answer_or_log(start):
+    srv = start("--poll-timeout", "1", "--access-log")
+    secret = "browser-SeCrEt-1234"
+    bodies = [poll_as(srv, secret, "alice").body]
+    room_wait(srv, lambda h: h[1] == 1)
+    bodies += [srv.get(p).body for p in ("/presence", "/status", "/chat/messages", "/presence/updates?cursor=1")]
+    bodies.append(srv.request("POST", "/chat/leave", body={"browser": secret}).body)
+    assert all(secret.encode() not in b for b in bodies)
+    assert secret not in srv.stop()
+
+
+def test_presence_changes_are_published_at_most_twice_a_second(start):
+    srv = start("--poll-timeout", "5", "--presence-grace", "30")
+    snapshot = srv.get("/presence").json()
+    watcher = spawn_poll(srv, f"/presence/updates?cursor={snapshot['cursor']}")
+    srv.wait_for(lambda s: s["streams"]["presence"]["waiting"] == 1)
+    began, published = time.monotonic(), srv.status()["streams"]["presence"]["last_id"]
+    joins = [eventlet.spawn(poll_as, srv, f"browser-{n:04d}", f"n{n}", source=loopback(n)) for n in range(300)]
+    for j in joins:
+        assert j.wait().status == 200
+    answer = watcher.wait().json()
+    assert answer["count"] > 0 and answer["cursor"] != snapshot["cursor"]
+    room_wait(srv, lambda h: h[1] == 300)
+    snapshots = srv.status()["streams"]["presence"]["last_id"] - published
+    assert snapshots <= 2 * (time.monotonic() - began) + 1, snapshots
+    # The same cursor from any process means the same snapshot: answered at once if it differs.
+    assert srv.get("/presence/updates?cursor=12345", timeout=2).json()["count"] == 300
+
+
+def test_one_presence_for_every_process_sharing_redis(cluster):
+    a, b = cluster(2, "--poll-timeout", "1", "--presence-grace", "30")
+    poll_as(a, "browser-a", "alice")
+    room_wait(b, lambda h: h == (["alice"], 1), timeout=1.5)
+    poll_as(b, "browser-b", "bob")
+    room_wait(a, lambda h: h == (["alice", "bob"], 2), timeout=1.5)
+    # A browser polling one process and leaving through the other is gone everywhere.
+    cursor = a.cursor()
+    parked = spawn_poll(a, f"/chat/updates?browser=browser-a&nick=alice&cursor={cursor}")
+    time.sleep(0.2)
+    assert b.request("POST", "/chat/leave", body={"browser": "browser-a"}).status == 204
+    for srv in (a, b):
+        room_wait(srv, lambda h: h == (["bob"], 1), timeout=2.5)
+    parked.wait()
