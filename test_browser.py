@@ -318,7 +318,7 @@ window.polls = [];      // when each poll was sent
 window.settled = [];    // and when it was answered or failed
 const realFetch = window.fetch;
 window.fetch = (url, options) => {
-  if (!String(url).includes("/updates")) return realFetch(url, options);
+  if (!String(url).includes("/chat/updates")) return realFetch(url, options);
   window.polls.push(Date.now());
   return realFetch(url, options).finally(() => window.settled.push(Date.now()));
 };
@@ -435,6 +435,54 @@ def test_messages_missed_while_away_are_filled_from_the_store(start, new_context
         expect(page.locator("#messages .text")).to_have_text(["before"] + away[-12:], timeout=20000)
         expect(page.locator("#messages .gap")).to_have_text(["Some messages were missed while you were away."])
         assert page.evaluate("document.querySelector('#messages .gap').nextElementSibling.textContent").endswith(away[-12])
+
+
+RECORD_HERE = """
+window.hereSeen = [];
+document.addEventListener("DOMContentLoaded", () => {
+  const here = document.getElementById("here");
+  new MutationObserver(() => window.hereSeen.push(here.hidden ? "" : here.textContent))
+    .observe(here, {childList: true, characterData: true, subtree: true, attributes: true});
+});
+"""
+
+
+def nicked(name):
+    return f"try {{ localStorage.setItem('longpoll.nick', {name!r}); }} catch (err) {{}}"   # not on about:blank
+
+
+def test_who_is_here_across_browsers_tabs_reloads_and_a_last_tab_closed(start, new_context):
+    from playwright.sync_api import expect
+    srv = start("--poll-timeout", "5")
+    url = f"http://127.0.0.1:{srv.port}/"
+    alice_browser, bob_browser = new_context(nicked("alice")), new_context(nicked("bob"), RECORD_HERE)
+    alice = alice_browser.new_page()
+    alice.goto(url)
+    expect(alice.locator("#here")).to_be_hidden()                  # quiet when only you are
+    bob = bob_browser.new_page()
+    bob.goto(url)
+    expect(bob.locator("#here")).to_have_text("Here: alice, bob")
+    expect(alice.locator("#here")).to_have_text("Here: alice, bob")
+    # A second tab of alice's browser is not a second person.
+    second = alice_browser.new_page()
+    second.goto(url)
+    expect(second.locator("#here")).to_have_text("Here: alice, bob")
+    srv.wait_for(lambda s: s["streams"]["chat"]["waiting"] == 2)   # one chat poll per browser, tabs or not
+    assert srv.get("/presence").json()["count"] == 2
+    # Closing one of her two tabs, then reloading the one left: bob never sees her leave.
+    assert "Here: alice, bob" in bob.evaluate("window.hereSeen")      # the record works
+    bob.evaluate("window.hereSeen = []")
+    second.close()
+    alice.wait_for_timeout(3000)        # past the leave's delay: a leave not undone would show by now
+    alice.reload()
+    expect(alice.locator("#here")).to_have_text("Here: alice, bob")
+    alice.wait_for_timeout(3000)
+    assert all(seen == "Here: alice, bob" for seen in bob.evaluate("window.hereSeen")), bob.evaluate("window.hereSeen")
+    # Her last tab closed: gone from bob's page within 3 s.
+    alice.close()
+    closed = time.monotonic()
+    expect(bob.locator("#here")).to_be_hidden(timeout=3000)
+    assert time.monotonic() - closed < 3
 
 
 # Titles that are markup-looking text (escaped once more, as a feed would send
@@ -821,7 +869,7 @@ def test_closing_or_reloading_the_leader_stalls_nothing_and_repeats_nothing(star
         page.on("request", lambda r: polled.append(r.url) if "/chat/updates?" in r.url else None)
     leader.close()
     dispatched(chats[0], lambda: polled)
-    assert polled[0].endswith(f"?cursor={last_shown}"), polled
+    assert re.search(rf"\?cursor={last_shown}(&|$)", polled[0]), polled
     srv.post({"body": "just after the close"})
     for page in chats:
         expect(page.locator("#messages .text")).to_have_text(
@@ -958,7 +1006,7 @@ def test_a_tab_that_missed_a_broadcast_while_loading_catches_up(start, tabs):
     [leader] = tabs(f"http://127.0.0.1:{srv.port}", ["/"])
     late = leader.context.new_page()
     held = []
-    late.route("**/chat/updates", lambda route: route.continue_() if held else held.append(route))
+    late.route("**/chat/updates*", lambda route: route.continue_() if held else held.append(route))
     late.goto(f"http://127.0.0.1:{srv.port}/")
     dispatched(late, lambda: held)              # the route handler runs when Playwright gets to it
     history = held[0].fetch()                   # the history, from before the message below

@@ -13,6 +13,19 @@ const MISSED = "Some messages were missed while you were away.";
 nick.value = recall("longpoll.nick") || "";
 nick.addEventListener("input", () => remember("longpoll.nick", nick.value.trim()));
 
+// This browser, for who is here: one id for all its tabs, made once.
+let browser = recall("longpoll.browser");
+if (!/^[A-Za-z0-9_-]{8,64}$/.test(browser || "")) {
+  browser = randomId();
+  remember("longpoll.browser", browser);
+}
+// The nick the chat's polls carry: one the server would refuse is left out, so polling never stops for it.
+const REFUSED_IN_NICK = /[\u0000-\u001f\u007f-\u009f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]/;
+const pollingNick = () => {
+  const name = nick.value.trim();
+  return name.length <= 32 && !REFUSED_IN_NICK.test(name) ? name : "";
+};
+
 // URLs in the text become links; everything else is added as plain text.
 const URL_PATTERN = /https?:\/\/[^\s<>"]*[^\s<>"'.,;:!?)\]}]/g;
 function linkify(parent, text) {
@@ -145,7 +158,65 @@ longPoll("/chat/updates", "messages", (batch, gap, first) => {
     messages.scrollTop = messages.scrollHeight;
   }
   if (first) loadOlder();
+}, () => ({browser, nick: pollingNick()}));
+
+// Leaving: said at once, so the others see it within seconds. A reload, or
+// another tab of this browser, polls again before it takes effect.
+addEventListener("pagehide", () => {
+  navigator.sendBeacon("/chat/leave", new Blob([JSON.stringify({browser})], {type: "application/json"}));
 });
+
+// Who is here: one tab per browser follows it (a Web Lock, as the polls do:
+// a parked request holds one of the browser's few connections) and tells the
+// others over a BroadcastChannel. Every tab asks once at start, which is answered at once.
+const here = document.getElementById("here");
+const hereChannel = typeof BroadcastChannel === "function" ? new BroadcastChannel("longpoll /presence") : null;
+
+function showHere({here: nicks, count}) {
+  const names = nicks.slice(0, 3);
+  const more = count - names.length;
+  const listed = names.join(", ") + (more ? ` and ${more} more` : "");
+  here.textContent = count <= 1 ? "" : names.length ? `Here: ${listed}` : `${count} here`;
+  here.hidden = count <= 1;         // quiet when only you are
+}
+
+async function presence(path) {
+  const res = await fetch(path, {cache: "no-store", headers: {Accept: "application/json"}});
+  if (!res.ok) throw new Error("HTTP " + res.status);
+  return res.json();
+}
+
+async function followHere(active) {
+  let cursor = null;
+  while (active()) {
+    try {
+      const snapshot = await presence(cursor === null ? "/presence" : `/presence/updates?cursor=${cursor}`);
+      cursor = snapshot.cursor;
+      showHere(snapshot);
+      if (hereChannel) hereChannel.postMessage(snapshot);
+    } catch (err) {
+      await new Promise(resolve => setTimeout(resolve, 2000 + Math.random() * 3000));
+    }
+  }
+}
+
+if (navigator.locks && hereChannel) {
+  hereChannel.onmessage = ({data}) => showHere(data);
+  presence("/presence").then(showHere, () => {});
+  navigator.locks.request("longpoll /presence", () => followHere(() => true));
+} else {
+  // Without Web Locks (see poll.js), only visible tabs follow it.
+  const visible = () => document.visibilityState === "visible";
+  let following = false;
+  const follow = async () => {
+    if (following || !visible()) return;
+    following = true;
+    await followHere(visible);
+    following = false;
+  };
+  document.addEventListener("visibilitychange", follow);
+  follow();
+}
 
 function say(text) {
   notice.textContent = text;

@@ -16,8 +16,9 @@ const SILENCE_MS = POLL_TIMEOUT_MS + 10000;
 
 // Follow the stream at `url`: call onBatch(items, gap, first) with the items
 // this tab has not shown yet (`key` names the list in the server's answers),
-// each once and in id order, forever.
-function longPoll(url, key, onBatch) {
+// each once and in id order, forever. `extra()` gives more query parameters
+// for each poll (the chat's: who polls).
+function longPoll(url, key, onBatch, extra = () => ({})) {
   let cursor = null;            // the newest id this tab has shown
   let shown = false;            // whether the first batch (the history) has been shown
   let term = 0;                 // changes when this tab stops leading, which ends its loop
@@ -27,6 +28,7 @@ function longPoll(url, key, onBatch) {
   let heard = Date.now();       // when the server or the leader last spoke to this tab
   let catchingUp = false;
   let toldWhileLoading = null;  // the newest cursor a leader passed on before our history came
+  let again = false;            // this tab's poll was ended on purpose, to poll anew at once
   const channel = typeof BroadcastChannel === "function" ? new BroadcastChannel("longpoll " + url) : null;
   const state = document.getElementById("state");
 
@@ -43,7 +45,8 @@ function longPoll(url, key, onBatch) {
     const deadline = setTimeout(() => controller.abort(), DEADLINE_MS);
     const sent = wait ? cursor : null;
     try {
-      const query = sent !== null ? "?cursor=" + sent : "";
+      const params = new URLSearchParams(sent !== null ? {cursor: sent, ...extra()} : extra());
+      const query = params.toString() ? "?" + params : "";
       const res = await fetch(url + query, {
         cache: "no-store", headers: {Accept: "application/json"}, signal: controller.signal});
       if (!res.ok) {
@@ -117,8 +120,13 @@ function longPoll(url, key, onBatch) {
         setState(data.state, data.text);
       }
       if (data.batch) fromLeader(data.batch);
+      // Another tab went away (and may have said its browser left): the leader's
+      // parked poll began before that, so a new one says the browser is still here.
+      // A moment later, so that the closing tab's last word arrives first.
+      if (data.repoll && leading && inFlight) setTimeout(() => { again = true; inFlight.abort(); }, 250);
     };
   }
+  addEventListener("pagehide", () => tell({repoll: true}));
 
   // Poll while active() holds. Each answer starts the next request straight
   // from the fetch's promise, not from a timer, which hidden tabs throttle.
@@ -128,11 +136,16 @@ function longPoll(url, key, onBatch) {
       try {
         const answer = await ask(true);
         failures = 0;
+        again = false;
         setState("live", "Live");
         tell({state: "live", text: "Live", batch: answer.batch});
         fromServer(answer);
       } catch (err) {
         if (!active()) break;   // stopped on purpose: hidden, or another tab took over
+        if (again) {            // ended on purpose, to poll anew
+          again = false;
+          continue;
+        }
         failures += 1;
         setState("reconnecting", "Reconnecting…");
         // Exponential backoff with jitter and a cap: a restarted server is not

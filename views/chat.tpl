@@ -1,5 +1,6 @@
 % rebase('base.tpl', title=title, page='chat', poll_timeout=poll_timeout)
 <main class="chat">
+  <p id="here" class="here" aria-live="polite" hidden></p>
   <ol id="messages" aria-live="polite" aria-label="Messages"></ol>
   <form id="compose" autocomplete="off">
     <input id="nick" maxlength="32" placeholder="Nick" aria-label="Your nick" spellcheck="false">
