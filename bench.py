@@ -107,9 +107,9 @@ class Client:
     def __init__(self, sock):
         self.sock, self.buf, self.cursor, self.answered_at, self.body = sock, b"", None, None, None
 
-    def poll(self, path, cursor):
+    def poll(self, path, cursor, query=b""):
         self.cursor = cursor
-        self.sock.send(b"GET %s?cursor=%d HTTP/1.1\r\nHost: localhost\r\n\r\n" % (path, cursor))
+        self.sock.send(b"GET %s?cursor=%d%s HTTP/1.1\r\nHost: localhost\r\n\r\n" % (path, cursor, query))
 
     def feed(self, data):
         """Add received bytes; return True when a whole response has arrived."""
@@ -208,7 +208,7 @@ def post_with_buckets(app, n, samples=200):
             "post_ms_p50": statistics.median(after), "post_ms_p99": percentile(after, 99)}
 
 
-def fan_out(apps, n, rounds):
+def fan_out(apps, n, rounds, present=False):
     """N parked clients dealt round the processes (one App, or a list sharing Redis),
     one message posted to the first, time until each has it; memory per parked client."""
     apps = apps if isinstance(apps, list) else [apps]
@@ -229,9 +229,10 @@ def fan_out(apps, n, rounds):
         cursor = app.status()["streams"]["chat"]["last_id"]
         gc_before, cpu_before = full_collections(), total(App.cpu)
         parking = time.perf_counter()
-        for c in clients:
+        for i, c in enumerate(clients):
             c.answered_at = None
-            c.poll(b"/chat/updates", cursor)
+            # With present, each client is a browser saying who it is, as the chat page's polls do.
+            c.poll(b"/chat/updates", cursor, b"&browser=bench-%06d&nick=n%d" % (i, i) if present else b"")
         for i, a in enumerate(apps):
             share = len(range(i, n, len(apps)))
             a.wait_until(lambda s: s["streams"]["chat"]["waiting"] == share, 120, f"{share} parked polls")
@@ -304,9 +305,65 @@ def push_delivery(n, rounds):
         app.stop()
         hub.close()
         feeds.close()
-    return {"clients": n, "rounds": results,
-            **{k: statistics.median(r[k] for r in results) for k in results[0]},
-            "errors": sum(r["errors"] for r in results)}
+    w = {"clients": n, "rounds": results, **{k: statistics.median(r[k] for r in results) for k in results[0]},
+         "errors": sum(r["errors"] for r in results)}
+    print(f"WebSub push to {n} parked clients: p50 {w['p50_ms']:.1f} ms, p99 {w['p99_ms']:.1f} ms, "
+          f"max {w['max_ms']:.1f} ms, {w['answer_cpu_us']:.0f} us server CPU a client, errors {w['errors']}", flush=True)
+    return w
+
+
+def presence_cost(n, rounds):
+    """What presence costs: fan-out to n parked chat polls without and with browser
+    ids (a fresh process each), then n browsers joining at once while n clients
+    watch /presence/updates: server CPU, and how many snapshots were published."""
+    report = {}
+    for present in (False, True):
+        app = App(db=":memory:")
+        try:
+            report["present" if present else "anonymous"] = fan_out(app, n, rounds, present=present)
+        finally:
+            app.stop()
+    app = App("--presence-grace", "60", db=":memory:")
+    try:
+        # The joins are pipelined, ten browsers to a connection: open files are not enough for 2 n.
+        watchers, joiners = connect(app, n), connect(app, -(-n // 10))
+        sel = watch(watchers)
+        cursor = app.request("GET", "/presence")[1]["cursor"]
+        for c in watchers:
+            c.sock.send(b"GET /presence/updates?cursor=%d HTTP/1.1\r\nHost: localhost\r\n\r\n" % cursor)
+        app.wait_until(lambda s: s["streams"]["presence"]["waiting"] == n, 120, f"{n} watchers parked")
+        published, cpu = app.status()["streams"]["presence"]["last_id"], app.cpu()
+        start = time.perf_counter()
+        for i, c in enumerate(joiners):         # one chat poll per browser, answered at once: a join
+            c.sock.send(b"".join(b"GET /chat/updates?browser=join-%06d HTTP/1.1\r\nHost: localhost\r\n\r\n" % b
+                                 for b in range(i * 10, min(n, i * 10 + 10))))
+        errors = answers(sel, n, lambda body: body["count"] > 0)
+        app.wait_until(lambda s: app.request("GET", "/presence")[1]["count"] == n, 60, f"{n} browsers present")
+        report["joins"] = {"browsers": n, "watchers": n, "server_cpu_s": app.cpu() - cpu,
+                           "snapshots": app.status()["streams"]["presence"]["last_id"] - published,
+                           "all_present_s": time.perf_counter() - start, "errors": errors}
+        for c in watchers + joiners:
+            c.sock.close()
+        sel.close()
+    finally:
+        app.stop()
+    for kind in ("anonymous", "present"):
+        f = report[kind]
+        print(f"{f['clients']} parked chat polls, {kind}: park {f['park_cpu_us']:.0f} us and answer "
+              f"{f['answer_cpu_us']:.0f} us of server CPU a poll, {f['kb_per_client']:.1f} KB a client, "
+              f"fan-out p99 {f['p99_ms']:.0f} ms, errors {f['errors']}", flush=True)
+    j = report["joins"]
+    print(f"{j['browsers']} browsers joining while {j['watchers']} watch: {j['server_cpu_s']:.2f} s of server CPU, "
+          f"{j['snapshots']} snapshots published, all present after {j['all_present_s']:.1f} s, "
+          f"errors {j['errors']}", flush=True)
+    return report
+
+
+def write_alone(name, figures, json_file):
+    """The report of a run made alone (--presence, --websub), to FILE if asked."""
+    if json_file:
+        Path(json_file).write_text(json.dumps({"machine": f"{os.cpu_count()} cores, {platform()}", name: figures},
+                                              indent=2))
 
 
 def free_port():
@@ -452,6 +509,9 @@ def main():
     p.add_argument("--scale-out", type=int, nargs="*", metavar="N",
                    help="instead of the above: fan-out to N parked clients (default: 10000 20000) on one "
                         "process in memory, on one process sharing Redis, and spread over two sharing Redis")
+    p.add_argument("--presence", type=int, nargs="?", const=10000, metavar="N",
+                   help="instead of the above: what presence costs per parked poll (N chat polls without and "
+                        "with browser ids), and N browsers joining at once while N watch (default: 10000)")
     p.add_argument("--websub", type=int, nargs="*", metavar="N",
                    help="instead of the above: a WebSub push to N clients parked on the feed stream "
                         "(default: 1000), from the hub's POST to each client's answer")
@@ -468,16 +528,10 @@ def main():
                          "(ulimit -Hn); ask for fewer")
     if args.compare is not None:
         return compare(args.compare, args.rounds, args.json)
+    if args.presence is not None:
+        return write_alone("presence", presence_cost(args.presence, args.rounds), args.json)
     if args.websub is not None:
-        report = {"machine": f"{os.cpu_count()} cores, {platform()}",
-                  "websub": [push_delivery(n, args.rounds) for n in args.websub or [1000]]}
-        for w in report["websub"]:
-            print(f"WebSub push to {w['clients']} parked clients: p50 {w['p50_ms']:.1f} ms, p99 {w['p99_ms']:.1f} ms, "
-                  f"max {w['max_ms']:.1f} ms, {w['answer_cpu_us']:.0f} us server CPU a client, "
-                  f"errors {w['errors']}", flush=True)
-        if args.json:
-            Path(args.json).write_text(json.dumps(report, indent=2))
-        return
+        return write_alone("websub", [push_delivery(n, args.rounds) for n in args.websub or [1000]], args.json)
     if args.scale_out is not None:
         return scale_out(args.scale_out, args.rounds, args.posters, args.seconds, args.json)
     report = {"machine": f"{os.cpu_count()} cores, {platform()}", "fan_out": []}
