@@ -198,6 +198,15 @@ def numbered(first, last):
             for n in range(last, first - 1, -1)]
 
 
+def serve(handler):
+    """A threaded HTTP server of the handler on a free loopback port, serving in the background."""
+    import http.server  # here, not above: after test_longpoll's import of longpoll patched select
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
+    return httpd
+
+
 class FeedServer:
     """Fixture feeds on a free loopback port; each path maps to a handler."""
 
@@ -233,10 +242,8 @@ class FeedServer:
             def log_message(self, *args):
                 pass
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
+        self.httpd = serve(Handler)
         self.url = "http://127.0.0.1:%d" % self.httpd.server_address[1]
-        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
 
     def feed(self, path, body, etag=None, content_type="application/xml", headers=()):
         def handler():
@@ -312,10 +319,8 @@ class Hub:
             def log_message(self, *args):
                 pass
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
+        self.httpd = serve(Handler)
         self.url = "http://127.0.0.1:%d/" % self.httpd.server_address[1]
-        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
 
     def verify(self, form, challenge=None):
         """The verification GET for a subscription form: (status, body)."""

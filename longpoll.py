@@ -1416,7 +1416,8 @@ class Protocol(eventlet.wsgi.HttpProtocol):
         if not super().parse_request():
             return False
         # The access log shows the request line: never with a browser's presence id in it.
-        self.requestline = re.sub(r"([?&]browser=)[^&\s]*", r"\1-", self.requestline)
+        if "browser=" in self.requestline:     # a regular expression only for the polls that carry one
+            self.requestline = re.sub(r"([?&]browser=)[^&\s]*", r"\1-", self.requestline)
         # Where two readers of a request could disagree on where its body ends
         # (a proxy in front, and this server), a request could hide another in
         # its body: refuse what nginx refuses, before reading any of it.
