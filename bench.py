@@ -59,7 +59,8 @@ class App:
         self.host, self.port = match[1], int(match[2])
 
     def request(self, method, path, body=None):
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=60)
+        # Long: a server of 10,000 OS threads can take over a minute to get to a request.
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=300)
         headers = {"Content-Type": "application/json"} if body is not None else {}
         conn.request(method, path, body=body and json.dumps(body), headers=headers)
         resp = conn.getresponse()

@@ -275,14 +275,17 @@ def test_every_client_sees_every_item_once_in_order_unless_told_of_a_gap(history
                 assert item_id == last + 1, client_seen
 
 
-def test_bottle_request_is_per_green_thread():
-    # Holds only because longpoll monkey-patches before bottle is imported.
-    def handle(path):
-        bottle.request.bind({"PATH_INFO": path})
+def test_bottle_request_and_response_are_per_green_thread():
+    # All green threads share one OS thread: holds because green_local() keeps
+    # Bottle's request and response in each greenlet's own context.
+    def handle(n):
+        bottle.request.bind({"PATH_INFO": f"/{n}"})
+        bottle.response.bind()
+        bottle.response.status = 200 + n
         eventlet.sleep(0.01)            # another "request" runs meanwhile
-        return bottle.request.path
-    threads = [eventlet.spawn(handle, f"/{n}") for n in range(5)]
-    assert [t.wait() for t in threads] == [f"/{n}" for n in range(5)]
+        return bottle.request.path, bottle.response.status_code
+    threads = [eventlet.spawn(handle, n) for n in range(5)]
+    assert [t.wait() for t in threads] == [(f"/{n}", 200 + n) for n in range(5)]
 
 
 def test_requests_leave_no_garbage_cycles(monkeypatch):
