@@ -534,10 +534,13 @@ def client_address():
     believed, nobody else's."""
     environ = bottle.request.environ
     addr = environ.get("REMOTE_ADDR", "")
-    if addr in settings.trusted_proxy:
-        hops = [h.strip() for h in environ.get("HTTP_X_FORWARDED_FOR", "").split(",")]
-        # The rightmost hop no trusted proxy added.
-        addr = next((h for h in reversed(hops) if h and h not in settings.trusted_proxy), addr)
+    if addr not in settings.trusted_proxy:
+        # Worked out once for the connection (Protocol.handle()): with more
+        # clients than address_key() caches, it would be made afresh on every request.
+        return environ.get("longpoll.address") or address_key(addr)
+    hops = [h.strip() for h in environ.get("HTTP_X_FORWARDED_FOR", "").split(",")]
+    # The rightmost hop no trusted proxy added.
+    addr = next((h for h in reversed(hops) if h and h not in settings.trusted_proxy), addr)
     return address_key(addr)
 
 
@@ -1397,7 +1400,7 @@ class Protocol(eventlet.wsgi.HttpProtocol):
         # Whatever its connections do (a slow request, an idle keep-alive, an
         # answer never read), one address may not hold them all. A trusted
         # proxy carries everyone's; its clients are limited by X-Forwarded-For.
-        address = address_key(self.client_address[0])
+        self.address = address = address_key(self.client_address[0])
         counted = address not in settings.trusted_proxy
         if counted:
             if self.open_by_address[address] >= settings.connections_per_address:
@@ -1436,6 +1439,7 @@ class Protocol(eventlet.wsgi.HttpProtocol):
     def get_environ(self):
         environ = super().get_environ()
         environ["longpoll.request_read"] = self.deadline.cancel
+        environ["longpoll.address"] = self.address
         return environ
 
     def parse_request(self):
