@@ -1082,7 +1082,9 @@ def test_a_chunked_body_is_refused_unread(server):
     b"Transfer-Encoding: gzip\r\n",                        # unknown: else its body is read as the next request
     b"Transfer-Encoding: chunked\r\nContent-Length: 2\r\n",
     b"X-Folded: a\r\n b\r\nContent-Length: 2\r\n",            # an obsolete folded line
-], ids=["two lengths", "a length twice", "plus sign", "negative", "unknown coding", "both", "folded"])
+    b"Content-Length : 2\r\n",                             # a proxy may read it as another header
+], ids=["two lengths", "a length twice", "plus sign", "negative", "unknown coding", "both", "folded",
+        "space before the colon"])
 def test_ambiguous_framing_is_a_4xx_json_error_and_closes(server, headers):
     before = server.cursor()
     answer = raw_request(server, b"POST /chat/messages HTTP/1.1\r\nHost: localhost\r\n"
@@ -1091,6 +1093,27 @@ def test_ambiguous_framing_is_a_4xx_json_error_and_closes(server, headers):
     assert re.match(rb"HTTP/1.1 4[01][01] ", head), head
     assert b"Connection: close" in head and json.loads(body)["error"]
     assert server.cursor() == before
+
+
+@pytest.mark.parametrize("sent, status", [
+    (b"GET /status HTTP/2.0\r\nHost: localhost\r\n\r\n", 505),
+    (b"GET /status HTTP/1.1\r\nHost: localhost\r\n" + b"X-Many: 1\r\n" * 100 + b"\r\n", 431),
+    (b"GET /status HTTP/1.1\nHost: localhost\n\n", 400),
+    (b"GET /status HTTP/1.1\r\nHost: local\x00host\r\n\r\n", 400),
+    (b"GET /sta tus HTTP/1.1\r\nHost: localhost\r\n\r\n", 400),
+], ids=["HTTP/2 in plain text", "too many header lines", "bare LF", "NUL in a header", "space in the path"])
+def test_a_request_head_this_server_cannot_read_is_a_4xx_json_error(server, sent, status):
+    answer = raw_request(server, sent)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 %d " % status), head
+    assert b"Connection: close" in head and json.loads(body)["error"]
+
+
+def test_an_upgrade_it_does_not_do_is_answered_as_http_1_1(server):
+    answer = raw_request(server, b"GET /status HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade, close\r\n"
+                                 b"Upgrade: websocket\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and "streams" in json.loads(body)
 
 
 @pytest.mark.parametrize("part", ["request line", "headers", "body"])
