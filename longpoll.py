@@ -1482,7 +1482,9 @@ class Protocol(eventlet.wsgi.HttpProtocol):
             return False
         self.command, self.request_version = parser.get_method().decode("ascii"), f"HTTP/{version}"
         self.path = self.url.decode("iso-8859-1")
-        self.close_connection = not parser.should_keep_alive()
+        # Not parser.should_keep_alive(): llhttp forgets the Connection header once a bodiless request is complete.
+        connection = {token.strip() for token in self.headers.get("Connection", "").lower().split(",")}
+        self.close_connection = "close" in connection or (version == "1.0" and "keep-alive" not in connection)
         # The access log shows the request line: never with a browser's presence id in it.
         if "browser=" in self.requestline:     # a regular expression only for the polls that carry one
             self.requestline = re.sub(r"([?&]browser=)[^&\s]*", r"\1-", self.requestline)

@@ -1109,6 +1109,17 @@ def test_a_request_head_this_server_cannot_read_is_a_4xx_json_error(server, sent
     assert b"Connection: close" in head and json.loads(body)["error"]
 
 
+@pytest.mark.parametrize("first, answered", [
+    (b"GET /status HTTP/1.0\r\nHost: localhost\r\nConnection: keep-alive\r\n\r\n", 2),
+    (b"GET /status HTTP/1.0\r\nHost: localhost\r\n\r\n", 1),
+    (b"GET /status HTTP/1.1\r\nHost: localhost\r\n\r\n", 2),
+    (b"GET /status HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n", 1),
+], ids=["1.0 keep-alive", "1.0", "1.1", "1.1 close"])
+def test_a_connection_is_kept_open_as_its_request_asks(server, first, answered):
+    answer = raw_request(server, first + b"GET /status HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+    assert answer.count(b"HTTP/1.1 200 ") == answered
+
+
 def test_an_upgrade_it_does_not_do_is_answered_as_http_1_1(server):
     answer = raw_request(server, b"GET /status HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade, close\r\n"
                                  b"Upgrade: websocket\r\n\r\n")
