@@ -262,7 +262,12 @@ def fan_out(apps, n, rounds, present=False):
     sel.close()
     for a in apps:
         a.wait_until(lambda s: s["waiting"] == 0, 60, "clients to leave")
-    return {"clients": n, "processes": len(apps), "rounds": results,
+    return summary(n, len(apps), results)
+
+
+def summary(n, processes, results):
+    """Rounds of fan_out(), with the median of each figure and the errors of all."""
+    return {"clients": n, "processes": processes, "rounds": results,
             **{k: statistics.median(r[k] for r in results) for k in results[0] if results[0][k] is not None},
             "errors": sum(r["errors"] for r in results)}
 
@@ -581,7 +586,7 @@ def main():
 
 
 def compare(sizes, rounds, json_file):
-    """The same long-poll contract on three kinds of server, each size on a fresh process."""
+    """The same long-poll contract on three kinds of server: each round a fresh process of each, in turn."""
     # A long poll timeout, so that a server slow to park N polls still has them all parked at once.
     servers = [("eventlet green threads (longpoll.py)", {"db": ":memory:"}),
                ("one OS thread per connection (threaded_server.py)", {"script": "threaded_server.py"})]
@@ -590,20 +595,25 @@ def compare(sizes, rounds, json_file):
         servers.append((f"Tornado {tornado.version} coroutines (tornado_server.py)", {"script": "tornado_server.py"}))
     except ImportError:
         print("tornado is not installed (pip install -r requirements-bench.txt): its row is left out")
-    rows = []
-    for name, how in servers:
-        for n in sizes:
-            app = App("--poll-timeout", "120", **how)
-            try:
-                r = fan_out(app, n, rounds)
-            except SystemExit as e:         # a server that cannot park them all in time: said, and on to the next
-                print(f"{name}, {n} clients: {e}", flush=True)
-                continue
-            finally:
-                app.stop()
-            rows.append({"server": name, **r})
-            print(f"{name}, {n} clients: p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms, "
-                  f"{r['kb_per_client']:.1f} KB/client, errors {r['errors']}", flush=True)
+    done = {(name, n): [] for name, _ in servers for n in sizes}
+    # The servers take turns, a fresh process each round: a box whose speed
+    # drifts during the run (a shared one does) moves them all alike.
+    for _ in range(rounds):
+        for name, how in servers:
+            for n in sizes:
+                app = App("--poll-timeout", "120", **how)
+                try:
+                    r = fan_out(app, n, 1)["rounds"][0]
+                except SystemExit as e:     # a server that cannot park them all in time: said, and on to the next
+                    print(f"{name}, {n} clients: {e}", flush=True)
+                    continue
+                finally:
+                    app.stop()
+                done[name, n].append(r)
+                print(f"{name}, {n} clients: park {r['park_cpu_us']:.0f} µs, answer {r['answer_cpu_us']:.0f} µs "
+                      f"of CPU a client, p99 {r['p99_ms']:.0f} ms, {r['kb_per_client']:.1f} KB/client, "
+                      f"errors {r['errors']}", flush=True)
+    rows = [{"server": name, **summary(n, 1, results)} for (name, n), results in done.items() if results]
     print(f"\nMachine: {os.cpu_count()} cores, {platform()}; server and load generator on the same box.\n")
     print("| server | parked clients | memory per parked client (resident) | address space reserved "
           "per parked client | time to park them all | server CPU to park one | server CPU to answer one "
