@@ -110,7 +110,9 @@ def start():
         return started[-1]
     yield start_server
     for srv in started:
-        srv.stop()
+        err = srv.stop()
+        # Captured, so shown only with a failing test: what its servers wrote to stderr, a traceback included.
+        print(f"--- the server on port {srv.port}, exit status {srv.proc.returncode}, its stderr ---\n{err[-5000:]}")
 
 
 def free_port():
