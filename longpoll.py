@@ -1421,8 +1421,8 @@ class Protocol(eventlet.wsgi.HttpProtocol):
     def setup(self):
         # eventlet's setup(), less its SSL cases and its write buffer (SocketWriter).
         conn = self.connection = self.request
-        # send_error() writes a head and then a body: without TCP_NODELAY the
-        # body could wait for the client's delayed ACK.
+        # An answer longer than a segment goes out in several: without
+        # TCP_NODELAY the last, short one could wait for the client's delayed ACK.
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.rfile = conn.makefile("rb", self.rbufsize)
         self.wfile = SocketWriter(conn)
