@@ -1194,6 +1194,40 @@ def test_a_history_of_long_messages_is_answered_in_bounded_utf8_pages(start):
     assert shown == [str(n) for n in range(200)]
 
 
+def unsent_to(client):
+    """What the server's end of client's connection holds that the client has not taken
+    (tx_queue in /proc/net/tcp)."""
+    port = ":%04X" % client.getsockname()[1]
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, remote, _, queues = line.split()[1:5]
+        if remote.endswith(port):
+            return int(queues.split(":")[0], 16)
+
+
+def test_answers_arrive_whole_when_the_server_must_write_them_in_parts(start):
+    srv = start("--post-burst", "1000")
+    for n in range(130):
+        assert srv.post({"body": f"{n} " + "x" * 1990}).status == 201
+    whole = srv.get("/chat/updates").body            # about 256 KB, the most one answer holds
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)     # a small window, so the server's buffer fills
+    client.connect((srv.host, srv.port))
+    ask = b"GET /chat/updates HTTP/1.1\r\nHost: localhost\r\n"
+    client.sendall((ask + b"\r\n") * 29 + ask + b"Connection: close\r\n\r\n")   # 7.5 MB asked, none of it read yet
+    seen = []
+
+    def server_waits_for_us(status):        # it served that /status and wrote us nothing more: its send is stuck
+        seen.append(unsent_to(client))
+        return len(seen) > 1 and seen[-1] == seen[-2] > 0
+    srv.wait_for(server_waits_for_us)
+    stream = client.makefile("rb")
+    for n in range(30):
+        head = http.client.parse_headers(stream) if stream.readline().startswith(b"HTTP/1.1 200") else None
+        assert head is not None, f"answer {n} is not where it should be: an earlier one was cut short"
+        assert stream.read(int(head["Content-Length"])) == whole
+    assert stream.read() == b""
+
+
 def test_one_address_cannot_hold_more_connections_than_its_share(start):
     srv = start("--connections-per-address", "5", "--trusted-proxy", "127.0.0.20")
 
