@@ -150,6 +150,18 @@ def test_nick_survives_a_reload_and_history_is_shown(chat_server, open_page):
     expect(page.locator("#messages .text")).to_have_text(["first", "second"])
 
 
+def test_an_empty_room_says_so_until_its_first_message(start, open_page):
+    from playwright.sync_api import expect
+    srv = start()
+    page = open_page(f"http://{srv.host}:{srv.port}/")
+    top = page.locator("#messages .past")
+    expect(top).to_have_text("No messages yet. Write the first one below.")
+    page.fill("#nick", "first")
+    send(page, "hello, anyone?")
+    expect(page.locator("#messages .text")).to_have_text(["hello, anyone?"])
+    expect(top).to_have_text("The beginning")          # nothing came before it
+
+
 def test_messages_typed_in_a_row_are_posted_and_shown_in_that_order(chat_server, open_page):
     from playwright.sync_api import expect
     page = open_page(f"http://{chat_server.host}:{chat_server.port}/")

@@ -9,6 +9,7 @@ const notice = document.getElementById("notice");
 const KEEP = 500;   // messages kept on the page while the reader is at the bottom
 const PAGE = 50;    // messages asked for at a time when scrolling back
 const MISSED = "Some messages were missed while you were away.";
+const EMPTY = "No messages yet. Write the first one below.";
 
 nick.value = recall("longpoll.nick") || "";
 nick.addEventListener("input", () => remember("longpoll.nick", nick.value.trim()));
@@ -61,7 +62,7 @@ function render(m) {
 }
 
 // The top of the log: "Loading…" while the page before it is fetched, "The
-// beginning" once the store holds nothing older.
+// beginning" once the store holds nothing older, and in an empty room what to do.
 const past = el("li", "past");
 past.hidden = true;
 messages.append(past);
@@ -101,7 +102,7 @@ async function loadOlder() {
     if (page.messages.length) oldest = page.messages[0].id;
     beginning = !page.more;
     messages.scrollTop += messages.scrollHeight - height;
-    mark(beginning && oldest !== null ? "The beginning" : "");
+    mark(!beginning ? "" : oldest === null ? EMPTY : "The beginning");
   } catch (err) {
     mark("");               // the next scroll to the top tries again
     return;
@@ -142,7 +143,10 @@ longPoll("/chat/updates", "messages", (batch, gap, first) => {
   each(batch, m => messages.append(render(m)));
   if (batch.length) {
     newest = batch[batch.length - 1].id;
-    if (oldest === null) oldest = batch[0].id;
+    if (oldest === null) {
+      oldest = batch[0].id;
+      if (beginning) mark("The beginning");     // the empty room's first message
+    }
   }
   if (atBottom) {
     // The reader is at the bottom: the top goes, and can be scrolled back to.
