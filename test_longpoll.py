@@ -1199,7 +1199,7 @@ def unsent_to(client):
     (tx_queue in /proc/net/tcp)."""
     port = ":%04X" % client.getsockname()[1]
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        local, remote, _, queues = line.split()[1:5]
+        remote, _, queues = line.split()[2:5]
         if remote.endswith(port):
             return int(queues.split(":")[0], 16)
 
@@ -1222,8 +1222,9 @@ def test_answers_arrive_whole_when_the_server_must_write_them_in_parts(start):
     srv.wait_for(server_waits_for_us)
     stream = client.makefile("rb")
     for n in range(30):
-        head = http.client.parse_headers(stream) if stream.readline().startswith(b"HTTP/1.1 200") else None
-        assert head is not None, f"answer {n} is not where it should be: an earlier one was cut short"
+        status_line = stream.readline()
+        assert status_line.startswith(b"HTTP/1.1 200"), f"answer {n} is not where it should be: an earlier one was cut short"
+        head = http.client.parse_headers(stream)
         assert stream.read(int(head["Content-Length"])) == whole
     assert stream.read() == b""
 
