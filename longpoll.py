@@ -459,6 +459,10 @@ def front_door():
     # for it (a parked poll is not a slow request). json_body() ends it for the others.
     if int(environ.get("CONTENT_LENGTH") or 0) == 0:
         environ["longpoll.request_read"]()
+    elif environ["REQUEST_METHOD"] in ("GET", "HEAD"):
+        # A body means nothing on a GET, yet while unread the request is not
+        # over: read and dropped now, so that a poll does not park with its deadline on.
+        read_body(MAX_BODY_BYTES)
     # DNS rebinding: a page of evil.example whose name then resolves to 127.0.0.1
     # is, to the browser, same-origin with a server listening on loopback. Its
     # requests still name evil.example in Host, which a loopback server refuses.

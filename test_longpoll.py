@@ -1177,6 +1177,18 @@ def test_an_idle_keep_alive_is_dropped_but_a_parked_poll_is_not_a_slow_request(s
     assert time.monotonic() - started >= 2.9       # it waited out its poll timeout, well past the client timeout
 
 
+def test_a_poll_that_carries_a_body_is_served_as_a_poll_past_the_client_timeout(start):
+    srv = start("--client-timeout", "1", "--poll-timeout", "2")
+    with socket.create_connection((srv.host, srv.port), timeout=10) as sock:
+        sock.sendall(b"GET /chat/updates?cursor=%d HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\n\r\nhello"
+                     % srv.cursor())
+        stream = sock.makefile("rb")
+        assert stream.readline().startswith(b"HTTP/1.1 200 ")      # after its poll timeout, not cut at 1 s
+        head = http.client.parse_headers(stream)
+        assert json.loads(stream.read(int(head["Content-Length"])))["messages"] == []
+    assert "Traceback" not in srv.stop()
+
+
 def test_a_history_of_long_messages_is_answered_in_bounded_utf8_pages(start):
     srv = start("--post-burst", "1000")
     for n in range(200):
