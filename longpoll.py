@@ -1471,6 +1471,23 @@ class Protocol(eventlet.wsgi.HttpProtocol):
             # not left to a full garbage collection over every parked client.
             vars(self).pop("environ", {}).clear()
 
+    def _read_request_line(self):
+        # A request line ended by a CR alone would be waited on, for an LF that
+        # never comes, until the deadline: what has arrived is looked at first.
+        try:
+            ahead = self.rfile.peek()       # the read that readline() would make first anyway
+        except (OSError, ValueError):
+            return b""                      # gone, silent past the socket timeout, or closed
+        cr = ahead.find(b"\r")
+        if 0 <= cr < len(ahead) - 1 and ahead[cr + 1] != ord("\n"):
+            self.send_error(400, "malformed request: a line ends with CR alone, not CRLF")
+            return b""
+        line = super()._read_request_line()
+        if len(line) >= self.server.url_length_limit:     # eventlet would answer it, in plain text
+            self.send_error(414, f"the request line is over {self.server.url_length_limit // 1024} KB")
+            return b""
+        return line
+
     def get_environ(self):
         environ = super().get_environ()
         environ["longpoll.request_read"] = self.deadline.cancel
@@ -1488,6 +1505,10 @@ class Protocol(eventlet.wsgi.HttpProtocol):
         self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
         if not self.requestline.strip():
             return False
+        if " HTTP/" not in self.requestline:
+            # HTTP/0.9 ("GET /path"): no headers follow, so none are waited for.
+            self.send_error(505, "HTTP/0.9 is not supported: send HTTP/1.1")
+            return False
         head = [self.raw_requestline]
         while head[-1] not in (b"\r\n", b"\n"):
             if not head[-1]:
@@ -1495,7 +1516,14 @@ class Protocol(eventlet.wsgi.HttpProtocol):
             if len(head) > MAX_HEADERS:
                 self.send_error(431, "too many header lines")
                 return False
-            head.append(self.rfile.readline(65537))     # eventlet's reader bounds each line, and all of them
+            try:
+                head.append(self.rfile.readline(65537))     # eventlet's reader bounds each line, and all of them
+            except eventlet.wsgi.HeaderLineTooLong:         # which eventlet would answer in plain text
+                self.send_error(400, f"a header line is over {eventlet.wsgi.MAX_HEADER_LINE // 1024} KB")
+                return False
+            except eventlet.wsgi.HeadersTooLarge:
+                self.send_error(400, f"the request's headers are over {eventlet.wsgi.MAX_TOTAL_HEADER_SIZE // 1024} KB")
+                return False
         self.url, self.headers = b"", http.client.HTTPMessage()
         parser = httptools.HttpRequestParser(self)      # calls on_url() and on_header() below
         # Transfer-Encoding beside Content-Length is let through, to be refused

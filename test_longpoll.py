@@ -1109,6 +1109,20 @@ def test_a_request_head_this_server_cannot_read_is_a_4xx_json_error(server, sent
     assert b"Connection: close" in head and json.loads(body)["error"]
 
 
+@pytest.mark.parametrize("sent, status", [
+    (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n", 414),
+    (b"GET /status HTTP/1.1\r\nHost: localhost\r\nX-Long: " + b"a" * 9000 + b"\r\n\r\n", 400),
+    (b"GET /status HTTP/1.1\r\nHost: localhost\r\n" + (b"X-Wide: " + b"a" * 8000 + b"\r\n") * 9 + b"\r\n", 400),
+    (b"GET /status\r\n", 505),
+    (b"GET /status HTTP/1.1\rHost: localhost\r\r", 400),
+], ids=["request line too long", "header line too long", "headers too large", "HTTP/0.9", "CR alone"])
+def test_refusals_eventlet_would_make_or_wait_on_are_this_servers_json_at_once(server, sent, status):
+    answer = raw_request(server, sent)          # within its 5 s: a request line left waiting was held 30 s
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 %d " % status), head
+    assert b"X-Content-Type-Options: nosniff" in head and json.loads(body)["error"]
+
+
 @pytest.mark.parametrize("first, answered", [
     (b"GET /status HTTP/1.0\r\nHost: localhost\r\nConnection: keep-alive\r\n\r\n", 2),
     (b"GET /status HTTP/1.0\r\nHost: localhost\r\n\r\n", 1),
