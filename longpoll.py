@@ -153,9 +153,11 @@ def parse_args(argv=None):
                    help="drop a client that takes longer than this to send a whole request (line, headers "
                         "and body), or idles that long between requests; a parked poll is not counted "
                         "(default: %(default)s)")
-    p.add_argument("--connections-per-address", type=count, default=1000, metavar="N",
+    p.add_argument("--connections-per-address", type=count, metavar="N",
                    help="connections one client address may hold open, whatever they are doing; more are "
-                        "closed at once (default: %(default)s; a --trusted-proxy is not limited)")
+                        "closed at once. Above --polls-per-address, so that an address with all its polls "
+                        "parked can still post, load pages and hear its 429 (default: twice "
+                        "--polls-per-address; a --trusted-proxy is not limited)")
     p.add_argument("--presence-grace", type=positive, default=10.0, metavar="SECONDS",
                    help="how long a browser stays present after its last chat poll ended "
                         "(default: %(default)s)")
@@ -200,6 +202,12 @@ def parse_args(argv=None):
     if args.keep < args.history:
         p.error(f"--keep {args.keep} is below --history {args.history}: the store must keep at least "
                 "what memory serves to catching-up polls")
+    if args.connections_per_address is None:
+        args.connections_per_address = 2 * args.polls_per_address
+    elif args.connections_per_address <= args.polls_per_address:
+        # Else the poll over the cap is closed unread, not told 429, and the address can post nothing.
+        p.error(f"--connections-per-address {args.connections_per_address} must be above --polls-per-address "
+                f"{args.polls_per_address}: the room between them is for the address's posts and pages")
     if args.hub and not args.public_url:
         p.error("--hub needs --public-url: the hub pushes to this server's public address")
     if args.public_url:

@@ -603,7 +603,7 @@ def test_bad_flags_are_refused_clearly():
     for flags in (["--poll-timeout", "0"], ["--history", "0"], ["--port", "70000"], ["--port", "http"], ["--feed", "file:///etc/passwd"],
                   ["--feed-interval", "0.5"], ["--feeds", "/no/such/file"], ["--polls-per-address", "0"],
                   ["--post-rate", "-1"], ["--client-timeout", "x"], ["--history", "50000"],
-                  ["--connections-per-address", "0"]):
+                  ["--connections-per-address", "0"], ["--polls-per-address", "5", "--connections-per-address", "5"]):
         proc = subprocess.run([sys.executable, "longpoll.py", *flags], cwd=HERE,
                               capture_output=True, text=True, timeout=10)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, (flags, proc.stderr)
@@ -1256,7 +1256,7 @@ def test_answers_arrive_whole_when_the_server_must_write_them_in_parts(start):
 
 
 def test_one_address_cannot_hold_more_connections_than_its_share(start):
-    srv = start("--connections-per-address", "5", "--trusted-proxy", "127.0.0.20")
+    srv = start("--connections-per-address", "5", "--polls-per-address", "4", "--trusted-proxy", "127.0.0.20")
 
     def connections(source, n):
         socks = [socket.create_connection((srv.host, srv.port), source_address=(source, 0), timeout=5)
@@ -1434,6 +1434,18 @@ def test_one_address_cannot_park_more_than_its_share_of_polls(start):
     assert all(p.wait().json()["messages"] == [posted] for p in mine)
     # Answered polls give their places back.
     assert srv.get(f"/chat/updates?cursor={cursor}", source="127.0.0.8").status == 200
+
+
+def test_an_address_with_all_its_polls_parked_can_still_post_and_hears_its_429(start):
+    srv = start("--polls-per-address", "5", "--poll-timeout", "20")    # and so 10 connections, by default
+    cursor = srv.cursor()
+    mine = [spawn_poll(srv, f"/chat/updates?cursor={cursor}", source="127.0.0.8") for _ in range(5)]
+    srv.wait_for(lambda s: s["waiting"] == 5)
+    over = srv.get(f"/chat/updates?cursor={cursor}", source="127.0.0.8")
+    assert over.status == 429 and int(over.headers["Retry-After"]) >= 1     # not closed unread
+    posted = srv.post({"body": "from a busy office"}, source="127.0.0.8")
+    assert posted.status == 201
+    assert all(p.wait().json()["messages"] == [posted.json()] for p in mine)
 
 
 # -- Durable streams: a SQLite file kept across restarts -----------------------
