@@ -1255,6 +1255,41 @@ def test_answers_arrive_whole_when_the_server_must_write_them_in_parts(start):
     assert stream.read() == b""
 
 
+def tcp_state(local_port, remote_port):
+    """The kernel's state of a loopback connection's end (01 established, 04
+    FIN_WAIT1, ...; /proc/net/tcp), or None once it has let it go."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, remote, state = line.split()[1:4]
+        if local.endswith(":%04X" % local_port) and remote.endswith(":%04X" % remote_port):
+            return state
+    return None
+
+
+# Twenty requests fit in the server's read buffer: none is left unread in the
+# kernel, which would make any close a reset.
+@pytest.mark.parametrize("asks", [1, 20], ids=["an answer the kernel takes whole, then the idle deadline",
+                                               "more than the kernel takes, so a write times out"])
+def test_a_client_that_never_reads_is_cut_with_a_reset_so_the_kernel_frees_its_answer(start, asks):
+    srv = start("--client-timeout", "1", "--post-burst", "1000")
+    for n in range(130):
+        assert srv.post({"body": f"{n} " + "x" * 1990}).status == 201      # a history answer of about 256 KB
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.connect((srv.host, srv.port))
+    client.sendall(b"GET /chat/updates HTTP/1.1\r\nHost: localhost\r\n\r\n" * asks)      # and never reads
+    server_end = (srv.port, client.getsockname()[1])
+    assert tcp_state(*server_end) == "01"
+    # Cut when its write times out. A reset reaches the client at once; a FIN
+    # would wait behind the unread answer, which the kernel kept in FIN_WAIT1.
+    unpatched = eventlet.patcher.original("select")        # monkey-patching takes poll() away
+    hangup = unpatched.poll()
+    hangup.register(client, unpatched.POLLERR | unpatched.POLLHUP)
+    assert hangup.poll(10_000), "no reset: the connection was closed gracefully, or not at all"
+    assert tcp_state(*server_end) is None           # gone from the kernel, its unsent answer with it
+    client.close()
+    assert srv.get("/status").status == 200 and "Traceback" not in srv.stop()
+
+
 def test_one_address_cannot_hold_more_connections_than_its_share(start):
     srv = start("--connections-per-address", "5", "--polls-per-address", "4", "--trusted-proxy", "127.0.0.20")
 
