@@ -104,6 +104,7 @@ DEFAULT_FEEDS = [
     "https://github.blog/feed/",
 ]
 MAX_BODY_BYTES = 64 * 1024      # a POST larger than this is refused with 413
+DISCARD_FACTOR = 4              # a body over its limit is read and dropped up to this many times it; more is cut unread
 MAX_ANSWER_BYTES = 256 * 1024   # of history in one answer; a client catching up asks again for the rest
 MAX_HISTORY = 10_000            # --history at most: every kept item is in memory, twice (fields and JSON)
 MAX_PAGE = 200                  # messages in one page of the chat's past (GET /chat/messages), at most
@@ -609,11 +610,18 @@ def json_body():
 def read_body(limit):
     """The request's body, of at most limit bytes, or a 4xx."""
     req = bottle.request
-    if req.content_length > limit:
-        fail(413, f"request body is over {limit // 1024} KB")
+    body = req.environ["wsgi.input"]
     try:
+        if req.content_length > limit:
+            # A client sends its whole body before it reads the answer (a hub
+            # does): closed on, it hears a reset, not its 413. So the body is
+            # read and dropped, as nginx's lingering close does, within the
+            # request's deadline (the front door cut those too big even for that).
+            while body.read(64 * 1024):
+                pass
+            fail(413, f"request body is over {limit // 1024} KB")
         # The front door refused chunked bodies, so Content-Length is exact.
-        raw = req.environ["wsgi.input"].read(max(0, req.content_length))
+        raw = body.read(max(0, req.content_length))
     except SlowRequest:
         fail(408, f"the request body took longer than {settings.client_timeout:g} s", Connection="close")
     req.environ["longpoll.request_read"]()
@@ -1588,6 +1596,10 @@ class Protocol(eventlet.wsgi.HttpProtocol):
             self.send_error(411, "chunked request bodies are not accepted: send Content-Length")
         elif len(lengths) > 1 or not all(re.fullmatch(r"[0-9]{1,18}", n) for n in lengths):
             self.send_error(400, "Content-Length must be given once, as a number of bytes")
+        elif lengths and int(lengths[0]) > DISCARD_FACTOR * (
+                MAX_FEED_BYTES if self.path.startswith("/websub/") else MAX_BODY_BYTES):
+            # Too big even to read and drop for its 413 (read_body()): refused, and cut unread.
+            self.send_error(413, "request body is far over the limit")
         else:
             return True
         return False

@@ -1141,6 +1141,18 @@ def test_an_upgrade_it_does_not_do_is_answered_as_http_1_1(server):
     assert head.startswith(b"HTTP/1.1 200 ") and "streams" in json.loads(body)
 
 
+def test_a_body_that_would_not_end_is_cut_unread(server):
+    with socket.create_connection((server.host, server.port), timeout=10) as sock:
+        sock.sendall(b"POST /chat/messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000000000000\r\n\r\n")
+        sent, chunk = 0, b" " * 65536
+        with pytest.raises((BrokenPipeError, ConnectionResetError)):
+            while sent < 1 << 30:           # a gigabyte, had it all been read
+                sock.sendall(chunk)
+                sent += len(chunk)
+    assert sent < 64 << 20, sent            # what the kernels' buffers hold, and not a byte read beyond
+
+
 @pytest.mark.parametrize("part", ["request line", "headers", "body"])
 def test_a_request_sent_slowly_is_dropped_at_the_client_timeout(start, part):
     srv = start("--client-timeout", "1")
@@ -2335,6 +2347,16 @@ def test_an_oversized_push_is_refused_and_a_gzip_labelled_plain_body_is_read(sta
                               b"Content-Length: 5\r\n\r\n0\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 411")
     assert "refused a WebSub push sent with Transfer-Encoding" in srv.stop()
+
+
+def test_an_oversized_push_from_a_hub_that_closes_after_sending_hears_its_413(start, hub, feed_server):
+    topic = feed_server.url + "/feed.xml"
+    srv = pushed_app(start, "--feed", feed_server.feed("/feed.xml", hubbed(numbered(1, 2), hub.url)))
+    hub.wait(lambda h: h.subs)
+    huge = hubbed(numbered(1, 3), hub.url).replace(b"</feed>", b" " * (6 << 20) + b"</feed>")
+    # As urllib sends it: Connection: close, the whole body, and only then the answer is read.
+    assert hub.push(topic, huge, headers={"Connection": "close"}) == 413
+    assert srv.status()["feeds"][0]["push"]["last_push"] is None
 
 
 def test_an_entry_pushed_then_polled_is_published_once_and_the_lease_is_renewed(start, feed_server):
