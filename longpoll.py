@@ -518,6 +518,8 @@ def parse_cursor(name="cursor"):
 
 
 parked_by_address = collections.Counter()     # client address -> polls it has parked now
+parked_total = 0            # polls parked now, from every address
+poll_places = math.inf      # main(): polls that may park at once, below eventlet's pool of connections
 
 
 def updates(stream, cursor):
@@ -531,14 +533,22 @@ def updates(stream, cursor):
 @contextlib.contextmanager
 def parked():
     """Count a poll parked from the client's address while it waits."""
+    global parked_total
     # One address may not hold every connection (and the memory they cost).
     address = client_address()
     if parked_by_address[address] >= settings.polls_per_address:
         fail(429, "too many polls from your address; try again later", Retry_After="5")
+    if parked_total >= poll_places:
+        # Polls may not take the pool's last places: with every one parked,
+        # eventlet accepts nobody, and the post that would answer them cannot get in.
+        bottle.request.environ["longpoll.close"] = True    # its place back to the pool, not held idle
+        fail(503, "the server is full; try again later", Retry_After="5", Connection="close")
     parked_by_address[address] += 1
+    parked_total += 1
     try:
         yield
     finally:
+        parked_total -= 1
         parked_by_address[address] -= 1
         if not parked_by_address[address]:
             del parked_by_address[address]     # else the table keeps every address ever seen
@@ -1355,6 +1365,7 @@ def status():
         subs = {}           # the storage row says why
     return {
         "waiting": sum(s.waiting for s in streams.values()),
+        "poll_room": poll_places - parked_total,
         "streams": {name: {"last_id": s.last_id, "kept": len(s.items), "waiting": s.waiting}
                     for name, s in streams.items()},
         "feeds": [{**f.status(), "push": push_status(f, subs.get(f.url))} for f in feeds],
@@ -1505,7 +1516,10 @@ class Protocol(eventlet.wsgi.HttpProtocol):
             # The environ is in cycles (with eventlet's set_idle closure, Bottle's
             # header dict): emptied, each request is freed by reference counting,
             # not left to a full garbage collection over every parked client.
-            vars(self).pop("environ", {}).clear()
+            environ = vars(self).pop("environ", {})
+            if "longpoll.close" in environ:     # the app said this connection ends with its answer
+                self.close_connection = 1
+            environ.clear()
 
     def _read_request_line(self):
         # A request line ended by a CR alone would be waited on, for an LF that
@@ -1657,9 +1671,12 @@ def main(argv=None):
     # eventlet serves at most 1024 connections by default, idle keep-alives
     # included, and its accept loop dies if it runs out of descriptors: size the
     # pool from the open-files limit, below it.
+    global poll_places
     max_clients = open_files_limit() - FD_RESERVE
     if max_clients < 10000:
         print(f"longpoll: the open-files limit allows only {max_clients} clients", file=sys.stderr)
+    # A tenth of the pool is kept from parked polls, for posts, pages and /status.
+    poll_places = max_clients - max_clients // 10
 
     feeds[:] = [Feed(url) for url in dict.fromkeys(settings.feed)]
     for f in feeds:

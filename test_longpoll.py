@@ -542,6 +542,34 @@ def test_more_than_1024_parked_polls_and_the_post_still_gets_in(start):
     assert all(p.wait().json()["messages"] == [posted.json()] for p in polls)
 
 
+def test_a_full_server_refuses_polls_with_503_and_still_answers_status_and_posts(start):
+    # 400 descriptors: a pool of 296 connections, of which parked polls may take 267.
+    srv = start("--poll-timeout", "60", prefix=("prlimit", "--nofile=400"))
+    room, cursor = srv.status()["poll_room"], srv.cursor()
+    assert room == 267
+    socks = []
+    for i in range(450):            # more polls than the pool holds
+        sock = socket.create_connection((srv.host, srv.port), source_address=(loopback(i % 10), 0), timeout=10)
+        sock.sendall(b"GET /chat/updates?cursor=%d HTTP/1.1\r\nHost: localhost\r\n\r\n" % cursor)
+        socks.append(sock)
+    full = srv.wait_for(lambda s: s["waiting"] == room)      # answered: the pool's last places were kept
+    assert full["poll_room"] == 0
+    posted = srv.post({"body": "still heard"})
+    assert posted.status == 201
+    statuses = collections.Counter()
+    for sock in socks:
+        stream = sock.makefile("rb")
+        status = int(stream.readline().split()[1])
+        head = http.client.parse_headers(stream)
+        statuses[status] += 1
+        body = stream.read(int(head["Content-Length"]))
+        if status == 503:           # told when to come back, and its place given back at once
+            assert int(head["Retry-After"]) >= 1 and "full" in json.loads(body)["error"]
+            assert stream.read() == b""
+        sock.close()
+    assert statuses == {200: room, 503: 450 - room}
+
+
 def test_abandoned_polls_are_freed_at_the_poll_timeout(start):
     srv = start("--poll-timeout", "1")
     socks, cursor = [], srv.cursor()
