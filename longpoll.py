@@ -104,6 +104,8 @@ MAX_BODY_BYTES = 64 * 1024      # a POST larger than this is refused with 413
 MAX_ANSWER_BYTES = 256 * 1024   # of history in one answer; a client catching up asks again for the rest
 MAX_HISTORY = 10_000            # --history at most: every kept item is in memory, twice (fields and JSON)
 MAX_PAGE = 200                  # messages in one page of the chat's past (GET /chat/messages), at most
+PAST_RATE = 5.0                 # pages of the chat's past one address may ask a second, over time
+PAST_BURST = 60                 # and at once: a page that fills a long gap asks dozens in a row
 PRESENCE_TICK = 0.5             # who is here is worked out this often: a wave of joins is a few snapshots
 LEAVE_DELAY = 1.5               # a browser that said it left is gone after this, unless it polls again (a reload)
 MAX_HEADERS = 100               # header lines in a request, at most (as http.server)
@@ -277,6 +279,7 @@ class Stream:
         self.encoded = collections.OrderedDict()    # id -> that item's JSON, encoded once for every answer
         self.answers = {}                           # answers given since the last publish, by what they hold
         self.pages = {}                             # since()'s results since the last publish, by cursor
+        self.past = {}                              # answers of the chat's past since the last publish
         self.keep(items)
         self.event = eventlet.Event()
         self.waiting = 0
@@ -310,6 +313,9 @@ class Stream:
         self.items.extend(items)
         self.answers.clear()
         self.pages.clear()
+        # A new dict, not clear(): an answer worked out from the store before
+        # this publish is then kept in the old one, which nobody reads any more.
+        self.past = {}
         for item in items:
             self.encoded[item["id"]] = json_bytes(item)
         while len(self.encoded) > len(self.items):
@@ -647,6 +653,7 @@ class TokenBucket:
 
 
 posting = None      # main(): a TokenBucket, or with --redis sharing.RedisBuckets for every process
+reading_past = TokenBucket()    # pages of the chat's past, per address
 store = None        # main() opens the --db, or --redis
 
 
@@ -682,13 +689,41 @@ def past_messages():
     limit = bottle.request.query.get("limit", "50")
     if not (re.fullmatch(r"[0-9]{1,3}", limit) and 1 <= int(limit) <= MAX_PAGE):
         fail(400, f"limit must be a whole number from 1 to {MAX_PAGE}")
-    try:
-        past, more = store.page(streams["chat"].key, before, int(limit))
-    except storage.StoreError:
-        fail(503, "the server cannot read its messages right now; try again shortly", Retry_After="10")
+    # Each page is read and encoded from the store: a flood of them is refused
+    # before it costs anyone else (per process: it is this process's CPU it guards).
+    wait = reading_past.take(client_address(), PAST_RATE, PAST_BURST)
+    if wait:
+        wait = math.ceil(wait)
+        fail(429, f"too many pages of the past; try again in {wait} s", Retry_After=str(wait))
     no_store()
     bottle.response.content_type = "application/json"
-    return b'{"messages":[%s],"more":%s}' % (b",".join(map(json_bytes, past)), b"true" if more else b"false")
+    chat = streams["chat"]
+    answers = chat.past     # taken before the store is read: a publish meanwhile replaces it
+    key = (before, int(limit))
+    if key not in answers:
+        try:
+            past, more = store.page(chat.key, before, int(limit))
+        except storage.StoreError:
+            fail(503, "the server cannot read its messages right now", Retry_After="10")
+        if len(answers) >= 64:
+            answers.clear()         # clients asking with every cursor there is cannot grow it
+        answers[key] = past_answer(past, more)
+    # The same bytes for every client that asks the same since the last publish:
+    # a thousand readers that never read cost one copy, not a thousand.
+    return answers[key]
+
+
+def past_answer(past, more):
+    """A page of the past as an answer of at most MAX_ANSWER_BYTES: the newest of
+    it that fit (one at least), and "more" when older ones are left out."""
+    encoded, size = [], 0
+    for item in reversed(past):
+        size += len(item_json := json_bytes(item)) + 1
+        if size > MAX_ANSWER_BYTES and encoded:
+            more = True
+            break
+        encoded.append(item_json)
+    return b'{"messages":[%s],"more":%s}' % (b",".join(reversed(encoded)), b"true" if more else b"false")
 
 
 # -- Who is here --------------------------------------------------------------

@@ -2440,6 +2440,65 @@ def test_every_process_pages_back_through_what_redis_keeps(cluster, redis_server
         assert srv.status()["streams"]["chat"]["kept"] == 4
 
 
+# -- The chat's past, bounded and shared (issue 38) -------------------------------
+
+
+@pytest.fixture
+def in_process(monkeypatch):
+    """The app's routes called in this process, on a store of their own; ask(path) answers
+    a GET as the route's handler returns it, or raises the HTTPError it fails with."""
+    monkeypatch.setattr(longpoll, "settings", longpoll.parse_args(["--presence-grace", "30"]))
+    store = storage.Store(":memory:", 200)
+    monkeypatch.setattr(longpoll, "store", store)
+    monkeypatch.setattr(longpoll, "reading_past", longpoll.TokenBucket())
+    monkeypatch.setattr(longpoll, "streams", longpoll.open_streams(store, 200))
+    monkeypatch.setattr(longpoll, "presence", longpoll.Presence())
+
+    def ask(path, address="127.0.0.1"):
+        route, _, query = path.partition("?")
+        bottle.request.bind({"PATH_INFO": route, "QUERY_STRING": query, "REQUEST_METHOD": "GET",
+                             "REMOTE_ADDR": address, "longpoll.address": address})
+        bottle.response.bind()
+        handler, args = longpoll.app.router.match(bottle.request.environ)
+        return handler.call(**args)
+    return ask
+
+
+def test_the_same_page_of_the_past_is_encoded_once_until_the_next_publish(in_process):
+    chat = longpoll.streams["chat"]
+    chat.publish({"nick": "a", "body": "one"}, {"nick": "a", "body": "two"})
+    first = in_process("/chat/messages?limit=2")
+    assert in_process("/chat/messages?limit=2") is first           # the same object: encoded once
+    assert in_process("/chat/messages?limit=1") is not first       # another page is another answer
+    chat.publish({"nick": "a", "body": "three"})
+    again = in_process("/chat/messages?limit=2")
+    assert [m["body"] for m in json.loads(again)["messages"]] == ["two", "three"]     # never a stale one
+    for limit in range(1, 150):
+        in_process(f"/chat/messages?limit={limit}")
+    assert len(chat.past) <= 64             # asking every page there is does not grow it
+
+
+def test_a_page_of_the_past_holds_at_most_256_kb_and_the_rest_is_paged(start):
+    srv = start("--post-burst", "1000")
+    for n in range(200):
+        assert srv.post({"body": f"{n} " + "\N{GRINNING FACE}" * 1990}).status == 201
+    # 200 x 8 KB: one page of all of them was 1.6 MB, built afresh for each request.
+    first = srv.get("/chat/messages?limit=200")
+    assert len(first.body) <= longpoll.MAX_ANSWER_BYTES and first.json()["more"] is True
+    assert first.json()["messages"][-1]["body"].startswith("199 ")       # the newest that fit
+    got, sizes = page_back(srv, 200)
+    assert [m["body"].split()[0] for m in got] == [str(n) for n in range(200)] and len(sizes) > 5
+
+
+def test_a_flood_of_requests_for_the_past_is_refused_before_it_costs_the_others(start):
+    srv = start()
+    statuses = [srv.get("/chat/messages?limit=200") for _ in range(longpoll.PAST_BURST + 20)]
+    assert all(r.status == 200 for r in statuses[:longpoll.PAST_BURST])
+    refused = next(r for r in statuses if r.status == 429)
+    assert int(refused.headers["Retry-After"]) >= 1 and refused.json()["error"]
+    assert srv.get("/chat/messages?limit=200", source=loopback(1)).status == 200    # another address is served
+
+
 # -- Who is here ------------------------------------------------------------------
 
 
