@@ -122,6 +122,7 @@ FETCH_CONCURRENCY = 20          # fetches in flight at once, whatever the number
 MAX_BACKOFF = 3600              # seconds between tries of a failing feed, at most
 LEASE_ASKED = 10 * 86400        # seconds of WebSub lease asked of a hub; the hub grants what it will
 PUSHED_INTERVAL = 3600          # while a hub pushes a feed, it is still polled this often, in case a push is lost
+LEASE_FLOOR = 300               # seconds: a shorter lease a hub grants is renewed as if it were this long
 VERIFY_WITHIN = 60              # seconds a hub has to verify a subscription before it is reported and asked again
 # Bidirectional-text controls: in a nick they could reverse what follows it and
 # impersonate someone; the pages isolate each text, but a nick may not have them.
@@ -931,6 +932,7 @@ class Feed:
                 ("url", "title", "ok", "error", "last_checked", "next_check", "entries", "note")}
 
     def run(self):
+        hurry = False       # woken by its hub's denial: no longer pushed, so fetched at once
         while True:
             try:
                 # With several processes on one Redis, the one holding a feed's
@@ -944,7 +946,10 @@ class Feed:
                     delay = min(delay, settings.feed_interval)   # to hear of the holder, or take over
                     self.ok, self.error, self.last_checked = (report.get(k) for k in ("ok", "error", "last_checked"))
                 else:
-                    delay = keep_pushed(self, self.check())
+                    # Woken early by its hub (a lease to renew), it only plans the
+                    # subscription: no hub makes it fetch more often than --feed-interval.
+                    early = (self.last_checked or 0) + settings.feed_interval - time.time()
+                    delay = keep_pushed(self, self.check() if hurry or early <= 0 else early)
                     store.hold(self.url, delay, self.status())
             except storage.StoreError as e:
                 self.ok, self.error, delay = False, f"cannot store entries: {e}", settings.feed_interval
@@ -952,7 +957,8 @@ class Feed:
                 self.ok, self.error, delay = False, f"{type(e).__name__}: {e}", settings.feed_interval
             self.next_check = time.time() + delay
             self.wake = eventlet.Event()
-            self.wake.wait(delay)           # or less: a hub's denial, or a lease shorter than the wait, wakes it
+            # Or less: a hub's denial, or a lease shorter than the wait, wakes it.
+            hurry = self.wake.wait(delay) == "denied"
 
     def check(self):
         """Fetch, parse and publish once; return the seconds until the next check."""
@@ -1175,7 +1181,8 @@ def keep_pushed(feed, delay):
     if sub["state"] == "new" or (now >= renew_at and not asked_lately and (
             sub["state"] in ("verified", "requested") or now - sub["requested"] >= MAX_BACKOFF)):
         sub = ask_hub(feed.url, sub)
-    if sub["state"] == "verified" and sub["expires"] > now:
+    # A lease too short to use is polled as usual: it would lapse long before its renewal.
+    if sub["state"] == "verified" and sub["expires"] > now and (sub["lease"] or 0) >= LEASE_FLOOR:
         return max(1, min(max(delay, PUSHED_INTERVAL), renew_at - now))
     return delay
 
@@ -1215,14 +1222,18 @@ def ask_hub(url, sub):
 
 
 def renewal(sub):
-    """When a subscription's lease is renewed: with a quarter of it left, a day at most."""
-    return (sub["expires"] or 0) - min((sub["lease"] or 0) / 4, 86400)
+    """When a subscription's lease is renewed: with a quarter of it left, a day at most.
+    A lease under LEASE_FLOOR counts as that long, else a hub granting 0 s is asked again at once, in a loop."""
+    granted = sub["lease"] or 0
+    lease = max(granted, LEASE_FLOOR)
+    return (sub["expires"] or 0) - granted + lease - min(lease / 4, 86400)
 
 
-def wake(feed):
-    """Have the feed's thread check it now, and plan its subscription afresh."""
+def wake(feed, why="lease"):
+    """Have the feed's thread plan its subscription afresh now, and check it if it is
+    due, or at once if why is "denied"."""
     if not feed.wake.ready():
-        feed.wake.send()
+        feed.wake.send(why)
 
 
 def callback_url(sub):
@@ -1244,7 +1255,7 @@ def push_status(feed, sub):
     elif sub["state"] == "verified" and sub["expires"] > now:
         state, why = "pushed", sub["why"]
     elif sub["state"] == "verified":
-        why = "the hub's lease ended; renewing"
+        why = sub["why"] or "the hub's lease ended; renewing"
     elif sub["state"] == "requested":
         state = "subscribing"
         if now - sub["requested"] > VERIFY_WITHIN:
@@ -1287,7 +1298,7 @@ def hub_verifies(token):
         store.subscribe(feed.url, {**sub, "state": "denied", "expires": None,
                                    "why": "the hub denied the subscription: " + (plain_text(reason, 200) or "no reason given")})
         store.release(feed.url)     # whichever process holds the feed: it is polled again now, here
-        wake(feed)
+        wake(feed, "denied")
         return ""
     # The challenge goes back byte for byte: read as Latin-1, which maps every byte to one character.
     challenge = urllib.parse.parse_qs(bottle.request.environ.get("QUERY_STRING", ""),
@@ -1295,7 +1306,11 @@ def hub_verifies(token):
     if mode != "subscribe" or not challenge or not (sub["requested"] or sub["state"] == "verified"):
         fail(404, "no such subscription")
     lease = int(lease) if re.fullmatch(r"[0-9]{1,9}", lease) else LEASE_ASKED
-    sub = {**sub, "state": "verified", "requested": None, "lease": lease, "expires": time.time() + lease, "why": None}
+    # Said in /status: such a hub's pushes come only between renewals, and the feed is polled meanwhile.
+    short = lease < LEASE_FLOOR and (f"the hub grants leases too short to use ({lease} s): the feed is polled, "
+                                     f"and the lease renewed as if it were {LEASE_FLOOR} s")
+    sub = {**sub, "state": "verified", "requested": None, "lease": lease, "expires": time.time() + lease,
+           "why": short or None}
     store.subscribe(feed.url, sub)
     if feed.next_check and renewal(sub) < feed.next_check:
         wake(feed)      # a lease shorter than the feed's wait must not end while it sleeps
