@@ -110,6 +110,8 @@ PRESENCE_TICK = 0.5             # who is here is worked out this often: a wave o
 LEAVE_DELAY = 1.5               # a browser that said it left is gone after this, unless it polls again (a reload)
 MAX_HEADERS = 100               # header lines in a request, at most (as http.server)
 MAX_HERE = 100                  # nicks listed in a presence snapshot, at most
+LEAVE_RATE = 2.0                # leaves one address may send a second, over time
+LEAVE_BURST = 20                # and at once: an office's browsers closing together
 MAX_MESSAGE_CHARS = 2000
 MAX_NICK_CHARS = 32
 MAX_CLIENT_ID_CHARS = 64
@@ -162,6 +164,9 @@ def parse_args(argv=None):
     p.add_argument("--presence-grace", type=positive, default=10.0, metavar="SECONDS",
                    help="how long a browser stays present after its last chat poll ended "
                         "(default: %(default)s)")
+    p.add_argument("--present-per-address", type=count, default=20, metavar="N",
+                   help="browsers one client address may make present in who is here; more are served, "
+                        "not counted (default: %(default)s)")
     p.add_argument("--post-rate", type=positive, default=2.0, metavar="PER_SECOND",
                    help="chat messages per second one client address may post over time (default: %(default)s)")
     p.add_argument("--post-burst", type=count, default=10, metavar="N",
@@ -741,8 +746,14 @@ class Presence:
         self.local = {}         # browser -> what this process knows of it (see arrive())
         self.by_address = collections.Counter()     # client address -> browsers it has here
         self.leaves = {}        # browser -> when it said it left
-        self.snapshot = {"here": [], "count": 0}
-        self.cursor = digest(self.snapshot)
+        self.present = {}       # every process's present browsers at the last tick (a leave is for one of them)
+        self.leaving = TokenBucket()    # leaves per address
+        self.keep({"here": [], "count": 0})
+
+    def keep(self, snapshot):
+        self.snapshot, self.cursor = snapshot, digest(snapshot)
+        # Encoded once for every watcher it wakes, as the streams' answers are.
+        self.encoded = json_bytes({**snapshot, "cursor": self.cursor})
 
     def arrive(self):
         """A chat poll begins: its browser (validated, or a 400) is present, if it names one."""
@@ -759,10 +770,12 @@ class Presence:
         entry = self.local.get(browser)
         if entry is None:
             address = client_address()
-            if self.by_address[address] >= settings.polls_per_address:
+            if self.by_address[address] >= settings.present_per_address:
                 return None     # one address cannot fill the room: served, not counted
             self.by_address[address] += 1
-            entry = self.local[browser] = {"address": address, "polls": 0, "ended": 0}
+            # Shared with every process through the store, as a digest: fairness needs no address.
+            who = hashlib.sha256(address.encode()).hexdigest()[:16]
+            entry = self.local[browser] = {"address": address, "who": who, "polls": 0, "ended": 0}
         entry.update(nick=nick, polled=time.time())
         entry["polls"] += 1
         return browser
@@ -774,16 +787,22 @@ class Presence:
         entry["ended"] = time.time()
 
     def leave(self, browser):
+        wait = self.leaving.take(client_address(), LEAVE_RATE, LEAVE_BURST)
+        if wait:
+            wait = math.ceil(wait)
+            fail(429, f"too many leaves; try again in {wait} s", Retry_After=str(wait))
+        if browser not in self.local and browser not in self.present:
+            return      # not a browser that is here: nothing to store, nothing for every process to read
         self.leaves[browser] = time.time()
         store.leave(browser, self.leaves[browser])
 
     def mine(self, now):
-        """{browser: [nick, start of its last poll, until when it is present]} of this process."""
+        """{browser: [nick, start of its last poll, until when it is present, its address's digest]} of this process."""
         kept = {}
         for browser, e in list(self.local.items()):
             until = now + settings.presence_grace if e["polls"] else e["ended"] + settings.presence_grace
             if until > now:
-                kept[browser] = [e["nick"], e["polled"], until]
+                kept[browser] = [e["nick"], e["polled"], until, e["who"]]
             else:
                 del self.local[browser]
                 self.by_address[e["address"]] -= 1
@@ -795,13 +814,25 @@ class Presence:
         """Work out who is here, with every process (through the store), and publish it if it changed."""
         now = time.time()
         self.leaves = {b: t for b, t in self.leaves.items() if now - t < settings.presence_grace + 60}
-        everyone, leaves = store.presence(self.mine(now), self.leaves)
+        self.present, leaves = store.presence(self.mine(now), self.leaves)
         # Gone: a browser that left, once LEAVE_DELAY is over, unless a poll began since.
-        here = [e for b, e in everyone.items()
+        here = [e for b, e in self.present.items()
                 if e[2] > now and not (b in leaves and e[1] <= leaves[b] and now >= leaves[b] + LEAVE_DELAY)]
-        snapshot = {"here": sorted({e[0] for e in here if e[0]}, key=str.casefold)[:MAX_HERE], "count": len(here)}
+        by_address = collections.defaultdict(list)
+        for e in sorted(here, key=lambda e: -e[1]):         # the most recently active first
+            by_address[e[3]].append(e)
+        # Each address counts its --present-per-address most active browsers (in
+        # every process together), and the nicks listed are one per address
+        # before a second from any: one address cannot hide everyone else.
+        count, ranked = 0, []
+        for entries in by_address.values():
+            entries = entries[:settings.present_per_address]
+            count += len(entries)
+            ranked += [(rank, -e[1], e[0]) for rank, e in enumerate(e for e in entries if e[0])]
+        listed = dict.fromkeys(nick for *_, nick in sorted(ranked))
+        snapshot = {"here": sorted(itertools.islice(listed, MAX_HERE), key=str.casefold), "count": count}
         if snapshot != self.snapshot:
-            self.snapshot, self.cursor = snapshot, digest(snapshot)
+            self.keep(snapshot)
             streams["presence"].publish(snapshot)
 
     def run(self):
@@ -815,7 +846,7 @@ class Presence:
     def answer(self):
         no_store()
         bottle.response.content_type = "application/json"
-        return json_bytes({**self.snapshot, "cursor": self.cursor})
+        return self.encoded
 
 
 def digest(snapshot):

@@ -2472,6 +2472,9 @@ def in_process(monkeypatch):
     monkeypatch.setattr(longpoll, "store", store)
     monkeypatch.setattr(longpoll, "reading_past", longpoll.TokenBucket())
     monkeypatch.setattr(longpoll, "streams", longpoll.open_streams(store, 200))
+    snapshots = longpoll.Snapshots()
+    longpoll.streams["presence"] = longpoll.Stream("presence", snapshots, 1)
+    snapshots.deliver = lambda key, items: longpoll.streams["presence"].add(items)
     monkeypatch.setattr(longpoll, "presence", longpoll.Presence())
 
     def ask(path, address="127.0.0.1"):
@@ -2623,11 +2626,85 @@ def test_leave_takes_json_from_the_same_origin_only(server):
 
 
 def test_one_address_makes_at_most_its_share_of_browsers_present(start):
-    srv = start("--polls-per-address", "2", "--presence-grace", "30")
+    srv = start("--present-per-address", "2", "--presence-grace", "30")
     for n in range(4):
         assert poll_as(srv, f"browser-{n}", f"n{n}").status == 200      # served, not all counted
     poll_as(srv, "browser-other", "other", source=loopback(1))
     room_wait(srv, lambda h: h == (["n0", "n1", "other"], 3))
+
+
+# -- Who is here, under attack (issue 38) -------------------------------------------
+
+
+def test_one_address_cannot_hide_everyone_else_from_who_is_here(start):
+    srv = start("--presence-grace", "30", "--poll-timeout", "1")
+    # Ten addresses, each with more browsers than it may make present (the first 20), and nicks that sort first.
+    for a in range(1, 11):
+        for n in range(25):
+            assert poll_as(srv, f"flood-{a:02d}-{n:02d}", f"!{a:02d}-{n:02d}", source=loopback(a)).status == 200
+    poll_as(srv, "browser-alice", "alice", source=loopback(11))
+    room_wait(srv, lambda h: "alice" in h[0], timeout=3)
+    names, count = here(srv)
+    assert count == 10 * 20 + 1 and len(names) == longpoll.MAX_HERE    # 20 counted per address
+    for a in range(1, 11):
+        # One per address before a second from any; of each address, its most recently active.
+        listed = [n for n in names if n.startswith(f"!{a:02d}-")]
+        assert 9 <= len(listed) <= 10 and all(10 <= int(n[-2:]) < 20 for n in listed), listed
+
+
+def test_one_address_counts_its_share_of_browsers_in_every_process_together(cluster):
+    a, b = cluster(2, "--present-per-address", "2", "--presence-grace", "30")
+    for n, srv in enumerate((a, b, a, b)):
+        assert poll_as(srv, f"browser-{n}", f"n{n}", source=loopback(1)).status == 200
+    poll_as(b, "browser-other", "other", source=loopback(2))
+    for srv in (a, b):
+        room_wait(srv, lambda h: h[1] == 3 and "other" in h[0])
+
+
+def test_a_leave_of_a_browser_not_here_is_dropped_before_it_is_stored(start, redis_url, redis_server):
+    a, b = (start("--redis", redis_url, "--presence-grace", "30") for _ in range(2))
+    poll_as(a, "browser-alice", "alice")
+    room_wait(b, lambda h: h == (["alice"], 1))
+    for n in range(10):
+        assert b.request("POST", "/chat/leave", body={"browser": f"unknown-{n:04d}"}, source=loopback(n)).status == 204
+    assert redis_server.cli("XLEN", "longpoll:leaves") == "0"       # nothing for every process to read
+    assert b.request("POST", "/chat/leave", body={"browser": "browser-alice"}).status == 204   # here, in a
+    assert redis_server.cli("XLEN", "longpoll:leaves") == "1"
+    room_wait(a, lambda h: h == ([], 0))
+
+
+def test_leaves_from_one_address_are_rate_limited(start):
+    srv = start()
+    statuses = [srv.request("POST", "/chat/leave", body={"browser": "browser-a"})
+                for _ in range(longpoll.LEAVE_BURST + 10)]
+    assert all(r.status == 204 for r in statuses[:longpoll.LEAVE_BURST])
+    refused = next(r for r in statuses if r.status == 429)
+    assert int(refused.headers["Retry-After"]) >= 1 and refused.json()["error"]
+    assert srv.request("POST", "/chat/leave", body={"browser": "browser-a"}, source=loopback(1)).status == 204
+
+
+def test_each_process_reads_only_the_leaves_since_its_last_tick(redis_url, monkeypatch):
+    import sharing
+    store = sharing.RedisStore(redis_url, 10)
+    for n in range(1000):
+        store.leave(f"browser-{n:04d}", time.time())
+    assert len(store.presence({}, {})[1]) == 1000
+    replies, call = [], store.call
+    monkeypatch.setattr(store, "call", lambda method, *a, **kw: replies.append(call(method, *a, **kw)) or replies[-1])
+    store.leave("browser-late", time.time())
+    assert len(store.presence({}, {})[1]) == 1001
+    assert "browser-0001" not in repr(replies) and "browser-late" in repr(replies)    # not the whole set again
+    store.close()
+
+
+def test_one_encoding_serves_every_watcher_of_a_presence_snapshot(in_process):
+    first = in_process("/presence")
+    assert in_process("/presence") is first and in_process("/presence/updates?cursor=1") is first
+    in_process("/chat/updates?browser=browser-a&nick=alice")
+    longpoll.presence.tick()
+    again = in_process("/presence")
+    assert again is not first and json.loads(again)["here"] == ["alice"]
+    assert in_process("/presence") is again
 
 
 def test_no_browser_id_appears_in_any_answer_or_log(start):
