@@ -710,7 +710,7 @@ def past_messages():
         try:
             past, more = store.page(chat.key, before, int(limit))
         except storage.StoreError:
-            fail(503, "the server cannot read its messages right now", Retry_After="10")
+            fail(503, "the server cannot read its messages right now; try again shortly", Retry_After="10")
         if len(answers) >= 64:
             answers.clear()         # clients asking with every cursor there is cannot grow it
         answers[key] = past_answer(past, more)
@@ -724,7 +724,8 @@ def past_answer(past, more):
     it that fit (one at least), and "more" when older ones are left out."""
     encoded, size = [], 0
     for item in reversed(past):
-        size += len(item_json := json_bytes(item)) + 1
+        item_json = json_bytes(item)
+        size += len(item_json) + 1
         if size > MAX_ANSWER_BYTES and encoded:
             more = True
             break
@@ -1337,11 +1338,12 @@ def hub_verifies(token):
     if mode != "subscribe" or not challenge or not (sub["requested"] or sub["state"] == "verified"):
         fail(404, "no such subscription")
     lease = int(lease) if re.fullmatch(r"[0-9]{1,9}", lease) else LEASE_ASKED
-    # Said in /status: such a hub's pushes come only between renewals, and the feed is polled meanwhile.
-    short = lease < LEASE_FLOOR and (f"the hub grants leases too short to use ({lease} s): the feed is polled, "
-                                     f"and the lease renewed as if it were {LEASE_FLOOR} s")
-    sub = {**sub, "state": "verified", "requested": None, "lease": lease, "expires": time.time() + lease,
-           "why": short or None}
+    why = None
+    if lease < LEASE_FLOOR:
+        # Said in /status: such a hub's pushes come only between renewals, and the feed is polled meanwhile.
+        why = (f"the hub grants leases too short to use ({lease} s): the feed is polled, "
+               f"and the lease renewed as if it were {LEASE_FLOOR} s")
+    sub = {**sub, "state": "verified", "requested": None, "lease": lease, "expires": time.time() + lease, "why": why}
     store.subscribe(feed.url, sub)
     if feed.next_check and renewal(sub) < feed.next_check:
         wake(feed)      # a lease shorter than the feed's wait must not end while it sleeps
