@@ -108,10 +108,14 @@ DISCARD_FACTOR = 4              # a body over its limit is read and dropped up t
 MAX_ANSWER_BYTES = 256 * 1024   # of history in one answer; a client catching up asks again for the rest
 MAX_HISTORY = 10_000            # --history at most: every kept item is in memory, twice (fields and JSON)
 MAX_PAGE = 200                  # messages in one page of the chat's past (GET /chat/messages), at most
+PAST_RATE = 5.0                 # pages of the chat's past one address may ask a second, over time
+PAST_BURST = 60                 # and at once: a page that fills a long gap asks dozens in a row
 PRESENCE_TICK = 0.5             # who is here is worked out this often: a wave of joins is a few snapshots
 LEAVE_DELAY = 1.5               # a browser that said it left is gone after this, unless it polls again (a reload)
 MAX_HEADERS = 100               # header lines in a request, at most (as http.server)
 MAX_HERE = 100                  # nicks listed in a presence snapshot, at most
+LEAVE_RATE = 2.0                # leaves one address may send a second, over time
+LEAVE_BURST = 20                # and at once: an office's browsers closing together
 MAX_MESSAGE_CHARS = 2000
 MAX_NICK_CHARS = 32
 MAX_CLIENT_ID_CHARS = 64
@@ -124,6 +128,7 @@ FETCH_CONCURRENCY = 20          # fetches in flight at once, whatever the number
 MAX_BACKOFF = 3600              # seconds between tries of a failing feed, at most
 LEASE_ASKED = 10 * 86400        # seconds of WebSub lease asked of a hub; the hub grants what it will
 PUSHED_INTERVAL = 3600          # while a hub pushes a feed, it is still polled this often, in case a push is lost
+LEASE_FLOOR = 300               # seconds: a shorter lease a hub grants is renewed as if it were this long
 VERIFY_WITHIN = 60              # seconds a hub has to verify a subscription before it is reported and asked again
 # Bidirectional-text controls: in a nick they could reverse what follows it and
 # impersonate someone; the pages isolate each text, but a nick may not have them.
@@ -165,6 +170,9 @@ def parse_args(argv=None):
     p.add_argument("--presence-grace", type=positive, default=10.0, metavar="SECONDS",
                    help="how long a browser stays present after its last chat poll ended "
                         "(default: %(default)s)")
+    p.add_argument("--present-per-address", type=count, default=20, metavar="N",
+                   help="browsers one client address may make present in who is here; more are served, "
+                        "not counted (default: %(default)s)")
     p.add_argument("--post-rate", type=positive, default=2.0, metavar="PER_SECOND",
                    help="chat messages per second one client address may post over time (default: %(default)s)")
     p.add_argument("--post-burst", type=count, default=10, metavar="N",
@@ -289,6 +297,7 @@ class Stream:
         self.encoded = collections.OrderedDict()    # id -> that item's JSON, encoded once for every answer
         self.answers = {}                           # answers given since the last publish, by what they hold
         self.pages = {}                             # since()'s results since the last publish, by cursor
+        self.past = {}                              # answers of the chat's past since the last publish
         self.keep(items)
         self.event = eventlet.Event()
         self.waiting = 0
@@ -322,6 +331,9 @@ class Stream:
         self.items.extend(items)
         self.answers.clear()
         self.pages.clear()
+        # A new dict, not clear(): an answer worked out from the store before
+        # this publish is then kept in the old one, which nobody reads any more.
+        self.past = {}
         for item in items:
             self.encoded[item["id"]] = json_bytes(item)
         while len(self.encoded) > len(self.items):
@@ -680,6 +692,7 @@ class TokenBucket:
 
 
 posting = None      # main(): a TokenBucket, or with --redis sharing.RedisBuckets for every process
+reading_past = TokenBucket()    # pages of the chat's past, per address
 store = None        # main() opens the --db, or --redis
 
 
@@ -715,13 +728,42 @@ def past_messages():
     limit = bottle.request.query.get("limit", "50")
     if not (re.fullmatch(r"[0-9]{1,3}", limit) and 1 <= int(limit) <= MAX_PAGE):
         fail(400, f"limit must be a whole number from 1 to {MAX_PAGE}")
-    try:
-        past, more = store.page(streams["chat"].key, before, int(limit))
-    except storage.StoreError:
-        fail(503, "the server cannot read its messages right now; try again shortly", Retry_After="10")
+    # Each page is read and encoded from the store: a flood of them is refused
+    # before it costs anyone else (per process: it is this process's CPU it guards).
+    wait = reading_past.take(client_address(), PAST_RATE, PAST_BURST)
+    if wait:
+        wait = math.ceil(wait)
+        fail(429, f"too many pages of the past; try again in {wait} s", Retry_After=str(wait))
     no_store()
     bottle.response.content_type = "application/json"
-    return b'{"messages":[%s],"more":%s}' % (b",".join(map(json_bytes, past)), b"true" if more else b"false")
+    chat = streams["chat"]
+    answers = chat.past     # taken before the store is read: a publish meanwhile replaces it
+    key = (before, int(limit))
+    if key not in answers:
+        try:
+            past, more = store.page(chat.key, before, int(limit))
+        except storage.StoreError:
+            fail(503, "the server cannot read its messages right now; try again shortly", Retry_After="10")
+        if len(answers) >= 64:
+            answers.clear()         # clients asking with every cursor there is cannot grow it
+        answers[key] = past_answer(past, more)
+    # The same bytes for every client that asks the same since the last publish:
+    # a thousand readers that never read cost one copy, not a thousand.
+    return answers[key]
+
+
+def past_answer(past, more):
+    """A page of the past as an answer of at most MAX_ANSWER_BYTES: the newest of
+    it that fit (one at least), and "more" when older ones are left out."""
+    encoded, size = [], 0
+    for item in reversed(past):
+        item_json = json_bytes(item)
+        size += len(item_json) + 1
+        if size > MAX_ANSWER_BYTES and encoded:
+            more = True
+            break
+        encoded.append(item_json)
+    return b'{"messages":[%s],"more":%s}' % (b",".join(reversed(encoded)), b"true" if more else b"false")
 
 
 # -- Who is here --------------------------------------------------------------
@@ -738,8 +780,14 @@ class Presence:
         self.local = {}         # browser -> what this process knows of it (see arrive())
         self.by_address = collections.Counter()     # client address -> browsers it has here
         self.leaves = {}        # browser -> when it said it left
-        self.snapshot = {"here": [], "count": 0}
-        self.cursor = digest(self.snapshot)
+        self.present = {}       # every process's present browsers at the last tick (a leave is for one of them)
+        self.leaving = TokenBucket()    # leaves per address
+        self.keep({"here": [], "count": 0})
+
+    def keep(self, snapshot):
+        self.snapshot, self.cursor = snapshot, digest(snapshot)
+        # Encoded once for every watcher it wakes, as the streams' answers are.
+        self.encoded = json_bytes({**snapshot, "cursor": self.cursor})
 
     def arrive(self):
         """A chat poll begins: its browser (validated, or a 400) is present, if it names one."""
@@ -756,10 +804,12 @@ class Presence:
         entry = self.local.get(browser)
         if entry is None:
             address = client_address()
-            if self.by_address[address] >= settings.polls_per_address:
+            if self.by_address[address] >= settings.present_per_address:
                 return None     # one address cannot fill the room: served, not counted
             self.by_address[address] += 1
-            entry = self.local[browser] = {"address": address, "polls": 0, "ended": 0}
+            # Shared with every process through the store, as a digest: fairness needs no address.
+            who = hashlib.sha256(address.encode()).hexdigest()[:16]
+            entry = self.local[browser] = {"address": address, "who": who, "polls": 0, "ended": 0}
         entry.update(nick=nick, polled=time.time())
         entry["polls"] += 1
         return browser
@@ -771,16 +821,22 @@ class Presence:
         entry["ended"] = time.time()
 
     def leave(self, browser):
+        wait = self.leaving.take(client_address(), LEAVE_RATE, LEAVE_BURST)
+        if wait:
+            wait = math.ceil(wait)
+            fail(429, f"too many leaves; try again in {wait} s", Retry_After=str(wait))
+        if browser not in self.local and browser not in self.present:
+            return      # not a browser that is here: nothing to store, nothing for every process to read
         self.leaves[browser] = time.time()
         store.leave(browser, self.leaves[browser])
 
     def mine(self, now):
-        """{browser: [nick, start of its last poll, until when it is present]} of this process."""
+        """{browser: [nick, start of its last poll, until when it is present, its address's digest]} of this process."""
         kept = {}
         for browser, e in list(self.local.items()):
             until = now + settings.presence_grace if e["polls"] else e["ended"] + settings.presence_grace
             if until > now:
-                kept[browser] = [e["nick"], e["polled"], until]
+                kept[browser] = [e["nick"], e["polled"], until, e["who"]]
             else:
                 del self.local[browser]
                 self.by_address[e["address"]] -= 1
@@ -792,13 +848,25 @@ class Presence:
         """Work out who is here, with every process (through the store), and publish it if it changed."""
         now = time.time()
         self.leaves = {b: t for b, t in self.leaves.items() if now - t < settings.presence_grace + 60}
-        everyone, leaves = store.presence(self.mine(now), self.leaves)
+        self.present, leaves = store.presence(self.mine(now), self.leaves)
         # Gone: a browser that left, once LEAVE_DELAY is over, unless a poll began since.
-        here = [e for b, e in everyone.items()
+        here = [e for b, e in self.present.items()
                 if e[2] > now and not (b in leaves and e[1] <= leaves[b] and now >= leaves[b] + LEAVE_DELAY)]
-        snapshot = {"here": sorted({e[0] for e in here if e[0]}, key=str.casefold)[:MAX_HERE], "count": len(here)}
+        by_address = collections.defaultdict(list)
+        for e in sorted(here, key=lambda e: -e[1]):         # the most recently active first
+            by_address[e[3]].append(e)
+        # Each address counts its --present-per-address most active browsers (in
+        # every process together), and the nicks listed are one per address
+        # before a second from any: one address cannot hide everyone else.
+        count, ranked = 0, []
+        for entries in by_address.values():
+            entries = entries[:settings.present_per_address]
+            count += len(entries)
+            ranked += [(rank, -e[1], e[0]) for rank, e in enumerate(e for e in entries if e[0])]
+        listed = dict.fromkeys(nick for *_, nick in sorted(ranked))
+        snapshot = {"here": sorted(itertools.islice(listed, MAX_HERE), key=str.casefold), "count": count}
         if snapshot != self.snapshot:
-            self.snapshot, self.cursor = snapshot, digest(snapshot)
+            self.keep(snapshot)
             streams["presence"].publish(snapshot)
 
     def run(self):
@@ -812,7 +880,7 @@ class Presence:
     def answer(self):
         no_store()
         bottle.response.content_type = "application/json"
-        return json_bytes({**self.snapshot, "cursor": self.cursor})
+        return self.encoded
 
 
 def digest(snapshot):
@@ -929,6 +997,7 @@ class Feed:
                 ("url", "title", "ok", "error", "last_checked", "next_check", "entries", "note")}
 
     def run(self):
+        hurry = False       # woken by its hub's denial: no longer pushed, so fetched at once
         while True:
             try:
                 # With several processes on one Redis, the one holding a feed's
@@ -942,7 +1011,10 @@ class Feed:
                     delay = min(delay, settings.feed_interval)   # to hear of the holder, or take over
                     self.ok, self.error, self.last_checked = (report.get(k) for k in ("ok", "error", "last_checked"))
                 else:
-                    delay = keep_pushed(self, self.check())
+                    # Woken early by its hub (a lease to renew), it only plans the
+                    # subscription: no hub makes it fetch more often than --feed-interval.
+                    early = (self.last_checked or 0) + settings.feed_interval - time.time()
+                    delay = keep_pushed(self, self.check() if hurry or early <= 0 else early)
                     store.hold(self.url, delay, self.status())
             except storage.StoreError as e:
                 self.ok, self.error, delay = False, f"cannot store entries: {e}", settings.feed_interval
@@ -950,7 +1022,8 @@ class Feed:
                 self.ok, self.error, delay = False, f"{type(e).__name__}: {e}", settings.feed_interval
             self.next_check = time.time() + delay
             self.wake = eventlet.Event()
-            self.wake.wait(delay)           # or less: a hub's denial, or a lease shorter than the wait, wakes it
+            # Or less: a hub's denial, or a lease shorter than the wait, wakes it.
+            hurry = self.wake.wait(delay) == "denied"
 
     def check(self):
         """Fetch, parse and publish once; return the seconds until the next check."""
@@ -1173,7 +1246,8 @@ def keep_pushed(feed, delay):
     if sub["state"] == "new" or (now >= renew_at and not asked_lately and (
             sub["state"] in ("verified", "requested") or now - sub["requested"] >= MAX_BACKOFF)):
         sub = ask_hub(feed.url, sub)
-    if sub["state"] == "verified" and sub["expires"] > now:
+    # A lease too short to use is polled as usual: it would lapse long before its renewal.
+    if sub["state"] == "verified" and sub["expires"] > now and (sub["lease"] or 0) >= LEASE_FLOOR:
         return max(1, min(max(delay, PUSHED_INTERVAL), renew_at - now))
     return delay
 
@@ -1213,14 +1287,18 @@ def ask_hub(url, sub):
 
 
 def renewal(sub):
-    """When a subscription's lease is renewed: with a quarter of it left, a day at most."""
-    return (sub["expires"] or 0) - min((sub["lease"] or 0) / 4, 86400)
+    """When a subscription's lease is renewed: with a quarter of it left, a day at most.
+    A lease under LEASE_FLOOR counts as that long, else a hub granting 0 s is asked again at once, in a loop."""
+    granted = sub["lease"] or 0
+    lease = max(granted, LEASE_FLOOR)
+    return (sub["expires"] or 0) - granted + lease - min(lease / 4, 86400)
 
 
-def wake(feed):
-    """Have the feed's thread check it now, and plan its subscription afresh."""
+def wake(feed, why="lease"):
+    """Have the feed's thread plan its subscription afresh now, and check it if it is
+    due, or at once if why is "denied"."""
     if not feed.wake.ready():
-        feed.wake.send()
+        feed.wake.send(why)
 
 
 def callback_url(sub):
@@ -1242,7 +1320,7 @@ def push_status(feed, sub):
     elif sub["state"] == "verified" and sub["expires"] > now:
         state, why = "pushed", sub["why"]
     elif sub["state"] == "verified":
-        why = "the hub's lease ended; renewing"
+        why = sub["why"] or "the hub's lease ended; renewing"
     elif sub["state"] == "requested":
         state = "subscribing"
         if now - sub["requested"] > VERIFY_WITHIN:
@@ -1285,7 +1363,7 @@ def hub_verifies(token):
         store.subscribe(feed.url, {**sub, "state": "denied", "expires": None,
                                    "why": "the hub denied the subscription: " + (plain_text(reason, 200) or "no reason given")})
         store.release(feed.url)     # whichever process holds the feed: it is polled again now, here
-        wake(feed)
+        wake(feed, "denied")
         return ""
     # The challenge goes back byte for byte: read as Latin-1, which maps every byte to one character.
     challenge = urllib.parse.parse_qs(bottle.request.environ.get("QUERY_STRING", ""),
@@ -1293,7 +1371,12 @@ def hub_verifies(token):
     if mode != "subscribe" or not challenge or not (sub["requested"] or sub["state"] == "verified"):
         fail(404, "no such subscription")
     lease = int(lease) if re.fullmatch(r"[0-9]{1,9}", lease) else LEASE_ASKED
-    sub = {**sub, "state": "verified", "requested": None, "lease": lease, "expires": time.time() + lease, "why": None}
+    why = None
+    if lease < LEASE_FLOOR:
+        # Said in /status: such a hub's pushes come only between renewals, and the feed is polled meanwhile.
+        why = (f"the hub grants leases too short to use ({lease} s): the feed is polled, "
+               f"and the lease renewed as if it were {LEASE_FLOOR} s")
+    sub = {**sub, "state": "verified", "requested": None, "lease": lease, "expires": time.time() + lease, "why": why}
     store.subscribe(feed.url, sub)
     if feed.next_check and renewal(sub) < feed.next_check:
         wake(feed)      # a lease shorter than the feed's wait must not end while it sleeps

@@ -126,6 +126,8 @@ class RedisStore:
         self.position = {}          # stream -> the entry XREAD goes on after (None: not read yet)
         self.deliver = None         # set by open_streams(): where each item read goes
         self.process = secrets.token_hex(8)     # this process's name in the presence Redis keeps
+        self.left = {}              # browser -> when it left, as read from every process's leaves
+        self.left_read = None       # the entry of the leaves' stream read last
         # No retries: a write whose answer was lost may have happened, and doing
         # it again would publish twice. The caller answers 503 and the client retries.
         options = dict(decode_responses=True, socket_connect_timeout=2,
@@ -260,7 +262,9 @@ class RedisStore:
         pipe.zadd(PREFIX + "here", {self.process: now})
         pipe.zremrangebyscore(PREFIX + "here", 0, now - 5)
         pipe.zrange(PREFIX + "here", 0, -1)
-        pipe.hgetall(PREFIX + "left")
+        # Only the leaves since the last tick: the whole set twice a second cost every
+        # process a third of a core once a flood of leaves had filled it.
+        pipe.xread({PREFIX + "leaves": self.left_read or "%d-0" % ((now - 120) * 1000)}, count=10000)
         *_, processes, left = self.call(pipe.execute, writes=True)
         pipe = self.redis.pipeline(transaction=False)
         for process in processes:
@@ -269,27 +273,28 @@ class RedisStore:
         for hash_ in self.call(pipe.execute):
             for browser, text in hash_.items():
                 try:
-                    nick, polled, until = json.loads(text)
+                    nick, polled, until, who = json.loads(text)
                 except (TypeError, ValueError):
                     continue
                 seen = everyone.get(browser)
                 if seen is None or polled > seen[1]:    # the process that had its latest poll has its nick
-                    everyone[browser] = [nick, polled, max(until, seen[2] if seen else until)]
+                    everyone[browser] = [nick, polled, max(until, seen[2] if seen else until), who]
                 else:
                     seen[2] = max(seen[2], until)
-        shared = {}
-        for browser, when in left.items():
-            try:
-                shared[browser] = float(when)
-            except ValueError:
-                continue
-        stale = [b for b, t in shared.items() if now - t > 120]
-        if stale:
-            self.call(self.redis.hdel, PREFIX + "left", *stale, writes=True)
-        return everyone, {**shared, **leaves}
+        for _, entries in left or ():
+            self.left_read = entries[-1][0]
+            for _, fields in entries:
+                try:
+                    self.left[fields["browser"]] = float(fields["when"])
+                except (KeyError, ValueError):
+                    continue
+        self.left = {b: t for b, t in self.left.items() if now - t <= 120}
+        return everyone, {**self.left, **leaves}
 
     def leave(self, browser, when):
-        self.call(self.redis.hset, PREFIX + "left", browser, repr(when), writes=True)
+        # A stream, so that each process reads only what is new (see presence()).
+        self.call(self.redis.xadd, PREFIX + "leaves", {"browser": browser, "when": repr(when)},
+                  maxlen=10000, approximate=True, writes=True)
 
     def start(self):
         """Start the reader: this process learns of every item, its own included, from Redis."""

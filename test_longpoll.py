@@ -2387,12 +2387,12 @@ def test_an_oversized_push_from_a_hub_that_closes_after_sending_hears_its_413(st
     assert srv.status()["feeds"][0]["push"]["last_push"] is None
 
 
-def test_an_entry_pushed_then_polled_is_published_once_and_the_lease_is_renewed(start, feed_server):
-    hub = Hub(lease=4)      # renewed before it ends, so the feed is checked (polled) about every 3 s
+def test_an_entry_pushed_then_polled_is_published_once(start, feed_server):
+    hub = Hub(lease=4)      # too short to use: the feed is polled every --feed-interval meanwhile
     try:
         topic = feed_server.url + "/feed.xml"
         feed_server.feed("/feed.xml", hubbed(numbered(1, 2), hub.url))
-        srv = pushed_app(start, "--feed", topic)
+        srv = pushed_app(start, "--feed", topic, "--feed-interval", "2")
         hub.wait(lambda h: h.subs)
         srv.wait_for(lambda s: s["streams"]["feed"]["last_id"] and s["feeds"][0]["push"]["state"] == "pushed")
         cursor = srv.cursor("feed")
@@ -2400,13 +2400,33 @@ def test_an_entry_pushed_then_polled_is_published_once_and_the_lease_is_renewed(
         assert hub.push(topic, newer) == 202
         feed_server.feed("/feed.xml", newer)        # and the next poll finds the same entry
         fetched = len(feed_server.requests)
-        hub.wait(lambda h: len(h.requests) >= 2 and len(h.verifications) >= 2, timeout=15)
         srv.wait_for(lambda s: len(feed_server.requests) > fetched and s["feeds"][0]["last_checked"], timeout=15)
-        first, renewal = hub.requests[0][0], hub.requests[1][0]
-        assert (renewal["hub.callback"], renewal["hub.secret"]) == (first["hub.callback"], first["hub.secret"])
-        assert hub.times[1] < hub.verified_at[0] + 4        # renewed before the lease ended
         assert [e["title"] for e in srv.get(f"/feed/updates?cursor={cursor}").json()["entries"]] == ["Entry 3"]
-        assert srv.cursor("feed") == cursor + 1 and push_state(srv)["state"] == "pushed"
+        assert srv.cursor("feed") == cursor + 1
+    finally:
+        hub.close()
+
+
+def test_a_lease_is_renewed_with_a_quarter_left_and_one_too_short_as_if_it_were_the_floor():
+    now, floor = time.time(), longpoll.LEASE_FLOOR
+    assert longpoll.renewal({"lease": 400, "expires": now + 400}) == now + 300
+    assert longpoll.renewal({"lease": 864000, "expires": now + 864000}) == now + 864000 - 86400   # a day at most
+    for short in (0, 4, floor - 1):
+        assert longpoll.renewal({"lease": short, "expires": now + short}) == now + floor * 3 / 4
+
+
+def test_a_hub_granting_leases_too_short_to_use_cannot_make_the_feed_fetched_in_a_loop(start, feed_server):
+    hub = Hub(lease=0)      # it verified every subscription so: 520 fetches and requests in 30 s
+    try:
+        srv = pushed_app(start, "--feed", feed_server.feed("/feed.xml", hubbed(numbered(1, 2), hub.url)))
+        hub.wait(lambda h: h.verifications)
+        for _ in range(20):         # and verifies it again and again, as a hostile hub may
+            assert hub.verify(hub.requests[0][0])[0] == 200
+        status = srv.wait_for(lambda s: s["feeds"][0]["next_check"])
+        feed = status["feeds"][0]
+        assert feed["push"]["state"] == "polled" and "too short" in feed["push"]["why"]
+        assert len(feed_server.requests) == 1 and len(hub.requests) == 1      # one fetch, one request
+        assert feed["next_check"] >= feed["last_checked"] + 299              # the next at --feed-interval (300 s)
     finally:
         hub.close()
 
@@ -2563,6 +2583,68 @@ def test_every_process_pages_back_through_what_redis_keeps(cluster, redis_server
         assert srv.status()["streams"]["chat"]["kept"] == 4
 
 
+# -- The chat's past, bounded and shared (issue 38) -------------------------------
+
+
+@pytest.fixture
+def in_process(monkeypatch):
+    """The app's routes called in this process, on a store of their own; ask(path) answers
+    a GET as the route's handler returns it, or raises the HTTPError it fails with."""
+    monkeypatch.setattr(longpoll, "settings", longpoll.parse_args(["--presence-grace", "30"]))
+    store = storage.Store(":memory:", 200)
+    monkeypatch.setattr(longpoll, "store", store)
+    monkeypatch.setattr(longpoll, "reading_past", longpoll.TokenBucket())
+    monkeypatch.setattr(longpoll, "streams", longpoll.open_streams(store, 200))
+    snapshots = longpoll.Snapshots()
+    longpoll.streams["presence"] = longpoll.Stream("presence", snapshots, 1)
+    snapshots.deliver = lambda key, items: longpoll.streams["presence"].add(items)
+    monkeypatch.setattr(longpoll, "presence", longpoll.Presence())
+
+    def ask(path, address="127.0.0.1"):
+        route, _, query = path.partition("?")
+        bottle.request.bind({"PATH_INFO": route, "QUERY_STRING": query, "REQUEST_METHOD": "GET",
+                             "REMOTE_ADDR": address, "longpoll.address": address})
+        bottle.response.bind()
+        handler, args = longpoll.app.router.match(bottle.request.environ)
+        return handler.call(**args)
+    return ask
+
+
+def test_the_same_page_of_the_past_is_encoded_once_until_the_next_publish(in_process):
+    chat = longpoll.streams["chat"]
+    chat.publish({"nick": "a", "body": "one"}, {"nick": "a", "body": "two"})
+    first = in_process("/chat/messages?limit=2")
+    assert in_process("/chat/messages?limit=2") is first           # the same object: encoded once
+    assert in_process("/chat/messages?limit=1") is not first       # another page is another answer
+    chat.publish({"nick": "a", "body": "three"})
+    again = in_process("/chat/messages?limit=2")
+    assert [m["body"] for m in json.loads(again)["messages"]] == ["two", "three"]     # never a stale one
+    for limit in range(1, 150):
+        in_process(f"/chat/messages?limit={limit}")
+    assert len(chat.past) <= 64             # asking every page there is does not grow it
+
+
+def test_a_page_of_the_past_holds_at_most_256_kb_and_the_rest_is_paged(start):
+    srv = start("--post-burst", "1000")
+    for n in range(200):
+        assert srv.post({"body": f"{n} " + "\N{GRINNING FACE}" * 1990}).status == 201
+    # 200 x 8 KB: one page of all of them was 1.6 MB, built afresh for each request.
+    first = srv.get("/chat/messages?limit=200")
+    assert len(first.body) <= longpoll.MAX_ANSWER_BYTES and first.json()["more"] is True
+    assert first.json()["messages"][-1]["body"].startswith("199 ")       # the newest that fit
+    got, sizes = page_back(srv, 200)
+    assert [m["body"].split()[0] for m in got] == [str(n) for n in range(200)] and len(sizes) > 5
+
+
+def test_a_flood_of_requests_for_the_past_is_refused_before_it_costs_the_others(start):
+    srv = start()
+    statuses = [srv.get("/chat/messages?limit=200") for _ in range(longpoll.PAST_BURST + 20)]
+    assert all(r.status == 200 for r in statuses[:longpoll.PAST_BURST])
+    refused = next(r for r in statuses if r.status == 429)
+    assert int(refused.headers["Retry-After"]) >= 1 and refused.json()["error"]
+    assert srv.get("/chat/messages?limit=200", source=loopback(1)).status == 200    # another address is served
+
+
 # -- Who is here ------------------------------------------------------------------
 
 
@@ -2667,11 +2749,85 @@ def test_leave_takes_json_from_the_same_origin_only(server):
 
 
 def test_one_address_makes_at_most_its_share_of_browsers_present(start):
-    srv = start("--polls-per-address", "2", "--presence-grace", "30")
+    srv = start("--present-per-address", "2", "--presence-grace", "30")
     for n in range(4):
         assert poll_as(srv, f"browser-{n}", f"n{n}").status == 200      # served, not all counted
     poll_as(srv, "browser-other", "other", source=loopback(1))
     room_wait(srv, lambda h: h == (["n0", "n1", "other"], 3))
+
+
+# -- Who is here, under attack (issue 38) -------------------------------------------
+
+
+def test_one_address_cannot_hide_everyone_else_from_who_is_here(start):
+    srv = start("--presence-grace", "30", "--poll-timeout", "1")
+    # Ten addresses, each with more browsers than it may make present (the first 20), and nicks that sort first.
+    for a in range(1, 11):
+        for n in range(25):
+            assert poll_as(srv, f"flood-{a:02d}-{n:02d}", f"!{a:02d}-{n:02d}", source=loopback(a)).status == 200
+    poll_as(srv, "browser-alice", "alice", source=loopback(11))
+    room_wait(srv, lambda h: "alice" in h[0], timeout=3)
+    names, count = here(srv)
+    assert count == 10 * 20 + 1 and len(names) == longpoll.MAX_HERE    # 20 counted per address
+    for a in range(1, 11):
+        # One per address before a second from any; of each address, its most recently active.
+        listed = [n for n in names if n.startswith(f"!{a:02d}-")]
+        assert 9 <= len(listed) <= 10 and all(10 <= int(n[-2:]) < 20 for n in listed), listed
+
+
+def test_one_address_counts_its_share_of_browsers_in_every_process_together(cluster):
+    a, b = cluster(2, "--present-per-address", "2", "--presence-grace", "30")
+    for n, srv in enumerate((a, b, a, b)):
+        assert poll_as(srv, f"browser-{n}", f"n{n}", source=loopback(1)).status == 200
+    poll_as(b, "browser-other", "other", source=loopback(2))
+    for srv in (a, b):
+        room_wait(srv, lambda h: h[1] == 3 and "other" in h[0])
+
+
+def test_a_leave_of_a_browser_not_here_is_dropped_before_it_is_stored(start, redis_url, redis_server):
+    a, b = (start("--redis", redis_url, "--presence-grace", "30") for _ in range(2))
+    poll_as(a, "browser-alice", "alice")
+    room_wait(b, lambda h: h == (["alice"], 1))
+    for n in range(10):
+        assert b.request("POST", "/chat/leave", body={"browser": f"unknown-{n:04d}"}, source=loopback(n)).status == 204
+    assert redis_server.cli("XLEN", "longpoll:leaves") == "0"       # nothing for every process to read
+    assert b.request("POST", "/chat/leave", body={"browser": "browser-alice"}).status == 204   # here, in a
+    assert redis_server.cli("XLEN", "longpoll:leaves") == "1"
+    room_wait(a, lambda h: h == ([], 0))
+
+
+def test_leaves_from_one_address_are_rate_limited(start):
+    srv = start()
+    statuses = [srv.request("POST", "/chat/leave", body={"browser": "browser-a"})
+                for _ in range(longpoll.LEAVE_BURST + 10)]
+    assert all(r.status == 204 for r in statuses[:longpoll.LEAVE_BURST])
+    refused = next(r for r in statuses if r.status == 429)
+    assert int(refused.headers["Retry-After"]) >= 1 and refused.json()["error"]
+    assert srv.request("POST", "/chat/leave", body={"browser": "browser-a"}, source=loopback(1)).status == 204
+
+
+def test_each_process_reads_only_the_leaves_since_its_last_tick(redis_url, monkeypatch):
+    import sharing
+    store = sharing.RedisStore(redis_url, 10)
+    for n in range(1000):
+        store.leave(f"browser-{n:04d}", time.time())
+    assert len(store.presence({}, {})[1]) == 1000
+    replies, call = [], store.call
+    monkeypatch.setattr(store, "call", lambda method, *a, **kw: replies.append(call(method, *a, **kw)) or replies[-1])
+    store.leave("browser-late", time.time())
+    assert len(store.presence({}, {})[1]) == 1001
+    assert "browser-0001" not in repr(replies) and "browser-late" in repr(replies)    # not the whole set again
+    store.close()
+
+
+def test_one_encoding_serves_every_watcher_of_a_presence_snapshot(in_process):
+    first = in_process("/presence")
+    assert in_process("/presence") is first and in_process("/presence/updates?cursor=1") is first
+    in_process("/chat/updates?browser=browser-a&nick=alice")
+    longpoll.presence.tick()
+    again = in_process("/presence")
+    assert again is not first and json.loads(again)["here"] == ["alice"]
+    assert in_process("/presence") is again
 
 
 def test_no_browser_id_appears_in_any_answer_or_log(start):
