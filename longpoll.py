@@ -897,6 +897,9 @@ class Feed:
 
     def run(self):
         while True:
+            # Taken before the check, as Stream.wait() takes its Event before looking:
+            # a wake() that lands while the check yields sends this one, not a lost one.
+            woken = self.wake = eventlet.Event()
             try:
                 # With several processes on one Redis, the one holding a feed's
                 # lease checks it; the others wait out the lease, then take up
@@ -916,8 +919,7 @@ class Feed:
             except Exception as e:          # whatever it is, said in /status, and the thread goes on
                 self.ok, self.error, delay = False, f"{type(e).__name__}: {e}", settings.feed_interval
             self.next_check = time.time() + delay
-            self.wake = eventlet.Event()
-            self.wake.wait(delay)           # or less: a hub's denial, or a lease shorter than the wait, wakes it
+            woken.wait(delay)               # or less: a hub's denial, or a lease shorter than the wait, wakes it
 
     def check(self):
         """Fetch, parse and publish once; return the seconds until the next check."""

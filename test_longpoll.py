@@ -795,6 +795,34 @@ def test_no_more_than_the_fetch_limit_are_in_flight_at_once(feeds):
     assert most[0] == limit and len(feeds.requests) == limit + 5
 
 
+# A wake() made while a check runs (a hub's verification or denial landing while
+# the fetch or the store yields) must not be lost: the thread takes the Event
+# before it checks, as Stream.wait() does before it looks.
+def test_a_wake_during_a_feed_check_brings_the_next_check_at_once(feeds):
+    f = longpoll.Feed(feeds.feed("/woken.xml", atom(numbered(1, 1))))
+    in_first, let_go, second = eventlet.Event(), eventlet.Event(), eventlet.Event()
+    fetch, fetches = f.fetch, []
+
+    def held_fetch():
+        fetches.append(None)
+        if len(fetches) == 1:
+            in_first.send()
+            let_go.wait()               # the first check stops here until the test lets it go
+        else:
+            second.send(True)
+        return fetch()
+    f.fetch = held_fetch
+    thread = eventlet.spawn(f.run)
+    try:
+        in_first.wait()
+        longpoll.wake(f)                # during the check
+        let_go.send()
+        # The feed's delay is 60 s: a lost wake would sleep through all of it.
+        assert second.wait(10), "the wake during the check was lost"
+    finally:
+        thread.kill()
+
+
 def test_the_proxy_waits_longer_than_the_default_poll():
     text = (HERE / "docs" / "running.md").read_text(encoding="utf-8")
     blocks = re.findall(r"```nginx\n(.*?)```", text, re.S)
