@@ -321,7 +321,12 @@ class Stream:
         the client's next poll gets the rest at once."""
         if cursor is not None and cursor > self.last_id:
             # An id this process has not seen: only the store knows whether it was issued.
-            issued = self.store.issued(self.key, cursor)
+            try:
+                issued = self.store.issued(self.key, cursor)
+            except storage.StoreError:
+                # Redis cannot say while it is down: wait, as for an id issued elsewhere,
+                # and ask again at the next look (a poll is never a 500 for it).
+                issued = cursor
             if issued is not None:
                 # Issued elsewhere and on its way: wait for what follows. Or the
                 # store had lost it and gave a new id past it: told of the gap.

@@ -220,6 +220,19 @@ def test_a_cursor_the_store_had_lost_is_told_of_the_gap_at_once():
         assert stream.wait(5, timeout=30) == ([], 1005, True)
 
 
+def test_an_empty_answer_carries_the_cursor_its_poll_asked_with():
+    # A poll parked on an id another process issued times out empty with that id,
+    # not the stream's last one. The answers built once per publish are shared by
+    # the polls that get the same: two empty ones with two cursors are not the same.
+    stream = memory_stream(10)
+    stream.publish({"body": "a"})
+    stream.store.issued = lambda key, cursor: cursor    # as Redis says of ids another process gave
+    for cursor in (5, 1, 7):
+        result = stream.wait(cursor, timeout=0.01)
+        assert result == ([], cursor, False)
+        assert json.loads(stream.answer(*result)) == {"messages": [], "cursor": cursor}
+
+
 @hypothesis_settings(max_examples=150, deadline=None)
 @given(history=st.integers(1, 6),
        ops=st.lists(st.one_of(
@@ -1820,6 +1833,171 @@ def test_a_cursor_from_one_process_gets_exactly_the_rest_from_another(cluster):
     b.wait_for(lambda s: s["streams"]["chat"]["waiting"] == 1)
     later = a.post({"body": "later"}).json()
     assert waiting.wait().json() == {"messages": [later], "cursor": later["id"]}
+
+
+# -- Races on Redis forced on purpose: two processes' streams in this one, on the
+# test's Redis, so that a test can stop a green thread at the exact point (an
+# Event it holds) where the race opens, instead of hoping the timing falls so.
+
+
+@pytest.fixture
+def on_redis(redis_url):
+    """on_redis(url=None): the chat stream of one more process on the test's Redis (or
+    url's), opened in this one. Its reader (.store.follower) ends with the test."""
+    opened = []
+
+    def open_stream(url=None):
+        store = longpoll.sharing.RedisStore(url or redis_url, 10)
+        store.start = lambda: setattr(store, "follower", eventlet.spawn(store.follow, list(store.position)))
+        opened.append(store)
+        return longpoll.open_streams(store, 10)["chat"]
+    yield open_stream
+    for store in opened:
+        store.follower.kill()
+        store.close()
+
+
+def hold_reader(stream):
+    """Stop the stream's Redis reader before it delivers what it read, until the
+    returned Event is sent: a process whose reader is behind."""
+    go, deliver = eventlet.Event(), stream.store.deliver
+
+    def held(key, items):
+        go.wait()
+        deliver(key, items)
+    stream.store.deliver = held
+    return go
+
+
+def after_call(obj, name, hold=False):
+    """Wrap obj's method `name`: (an Event sent when a call of it has returned, and
+    with `hold` an Event the caller then waits for before going on)."""
+    returned, go, method = eventlet.Event(), eventlet.Event(), getattr(obj, name)
+
+    def wrapped(*args):
+        result = method(*args)
+        if not returned.ready():
+            returned.send()
+            if hold:
+                go.wait()
+        return result
+    setattr(obj, name, wrapped)
+    return returned, go
+
+
+def delivered(stream, last_id):
+    """Wait until the stream's reader has brought it up to last_id (10 s at most)."""
+    with eventlet.Timeout(10):
+        while stream.last_id < last_id:
+            stream.event.wait()
+
+
+def test_on_redis_a_publish_between_the_look_and_the_wait_is_not_lost(on_redis):
+    # With --redis, since() asks Redis about a cursor this process has not seen:
+    # a round trip, during which the reader can deliver and wake. Take the Event
+    # after the look and this poll waits out its 30 s.
+    a, b = on_redis(), on_redis()
+    let_reader_go = hold_reader(b)
+    seen = a.publish({"body": "seen on a"})[0][0]     # a client saw it on a, and polls b with its id
+    in_look, let_look_go = after_call(b.store, "issued", hold=True)
+    poll = eventlet.spawn(b.wait, seen["id"], 30)
+    in_look.wait()                                      # Redis said: issued, wait for what follows
+    raced = a.publish({"body": "posted during the look"})[0][0]
+    let_reader_go.send()
+    delivered(b, raced["id"])                           # b has it, and has woken its waiters
+    let_look_go.send()
+    with eventlet.Timeout(5):
+        assert poll.wait() == ([raced], raced["id"], False)
+
+
+def test_on_redis_a_poll_on_an_id_not_yet_read_times_out_with_its_own_cursor_then_gets_what_follows(on_redis):
+    a, b = on_redis(), on_redis()
+    let_reader_go = hold_reader(b)
+    mine = b.last_id
+    seen = a.publish({"body": "on its way to b"})[0][0]
+    # Two polls time out on b together: one on b's last id, one on the id a issued.
+    polls = [eventlet.spawn(b.wait, cursor, 0.2) for cursor in (mine, seen["id"])]
+    results = [p.wait() for p in polls]
+    assert results == [([], mine, False), ([], seen["id"], False)]
+    assert [json.loads(b.answer(*r))["cursor"] for r in results] == [mine, seen["id"]]
+    # The id arrives after the poll timed out: b's old cursor gets it, and a
+    # poll on it waits for what follows.
+    let_reader_go.send()
+    delivered(b, seen["id"])
+    assert b.wait(mine, 5) == ([seen], seen["id"], False)
+    poll = eventlet.spawn(b.wait, seen["id"], 30)
+    eventlet.sleep(0)
+    assert b.waiting == 1
+    later = a.publish({"body": "later"})[0][0]
+    with eventlet.Timeout(10):
+        assert poll.wait() == ([later], later["id"], False)
+
+
+def test_on_redis_a_reader_that_is_behind_brings_exactly_the_rest_in_order(on_redis):
+    a, b = on_redis(), on_redis()
+    let_reader_go = hold_reader(b)
+    sent = [a.publish({"n": n})[0][0] for n in range(5)]
+    cursor = sent[1]["id"]                              # a client saw the first two on a
+    assert b.wait(cursor, 0.2) == ([], cursor, False)   # neither a gap nor a start over
+    let_reader_go.send()
+    got = []
+    with eventlet.Timeout(10):
+        while cursor < sent[-1]["id"]:
+            items, cursor, gap = b.wait(cursor, 30)
+            assert not gap
+            got += items
+    assert got == sent[2:]
+
+
+def test_on_redis_a_process_gone_between_its_append_and_its_delivery_loses_nothing(on_redis):
+    a, b = on_redis(), on_redis()
+    parked = eventlet.spawn(b.wait, b.last_id, 30)
+    eventlet.sleep(0)
+    a.store.follower.kill()             # a dies once Redis has the post, before it hears of it
+    [posted], new = a.publish({"body": "last words"}, client_id="retried-elsewhere")
+    assert new and a.last_id < posted["id"]
+    with eventlet.Timeout(10):
+        assert parked.wait() == ([posted], posted["id"], False)
+    # The client never had its answer, and retries on b: the original, posted once.
+    assert b.publish({"body": "last words"}, client_id="retried-elsewhere") == ([posted], False)
+
+
+def test_on_redis_a_poll_parked_on_an_id_from_elsewhere_outlives_a_redis_restart(on_redis, tmp_path):
+    redis = RedisServer(tmp_path, persist=True)
+    try:
+        a, b = on_redis(redis.url), on_redis(redis.url)
+        let_reader_go = hold_reader(b)
+        seen = a.publish({"body": "seen on a"})[0][0]
+        looked, _ = after_call(b.store, "issued")
+        poll = eventlet.spawn(b.wait, seen["id"], 1)
+        looked.wait()                       # parked: Redis said the id was issued elsewhere
+        redis.stop()
+        # At its timeout Redis cannot say again: the same empty answer, not an error.
+        assert poll.wait() == ([], seen["id"], False)
+        assert b.wait(seen["id"], 0.1) == ([], seen["id"], False)
+        redis.start()
+        let_reader_go.send()
+        delivered(b, seen["id"])
+        parked = eventlet.spawn(b.wait, seen["id"], 30)
+        eventlet.sleep(0)
+        later = a.publish({"body": "after the restart"})[0][0]
+        with eventlet.Timeout(10):
+            assert parked.wait() == ([later], later["id"], False)
+    finally:
+        redis.stop()
+
+
+def test_while_redis_is_down_a_poll_on_an_id_from_elsewhere_waits_out_its_timeout(start, tmp_path):
+    redis = RedisServer(tmp_path)
+    try:
+        srv = start("--redis", redis.url, "--poll-timeout", "1")
+        srv.wait_for(lambda s: s["storage"]["ok"])
+        elsewhere = srv.cursor() + 1            # as if another process had issued it
+    finally:
+        redis.stop()
+    # Nobody can tell now whether it was issued: the same cursor back, not a 500.
+    assert srv.get(f"/chat/updates?cursor={elsewhere}").json() == {"messages": [], "cursor": elsewhere}
+    assert "Traceback" not in srv.stop()
 
 
 def test_sigkill_of_one_process_loses_no_acknowledged_post_and_clients_carry_on(cluster):
