@@ -474,7 +474,12 @@ def front_door():
 
 @functools.lru_cache(maxsize=256)       # a few names, asked on every request
 def host_name(host_header):
-    return urllib.parse.urlsplit("//" + host_header).hostname or ""
+    if "@" in host_header:
+        return ""       # userinfo is no part of a Host: "evil@localhost" names no loopback host
+    try:
+        return urllib.parse.urlsplit("//" + host_header).hostname or ""
+    except ValueError:
+        return ""       # one urlsplit cannot read ("[::1" unclosed) names nothing: a 400, not a 500
 
 
 @app.hook("after_request")
@@ -572,7 +577,10 @@ def same_origin(origin):
     if from_trusted_proxy():
         host = req.get_header("X-Forwarded-Host", host).split(",")[0].strip()
         scheme = req.get_header("X-Forwarded-Proto", "").split(",")[0].strip().lower() or None
-    parts = urllib.parse.urlsplit(origin)
+    try:
+        parts = urllib.parse.urlsplit(origin)
+    except ValueError:
+        return False    # an Origin urlsplit cannot read ("http://[::1") is no site's: a 403, not a 500
     default_port = {"http": ":80", "https": ":443"}.get(parts.scheme, "")
     # Browsers leave a default port out of Origin; some clients put it in Host.
     return (parts.netloc.lower().removesuffix(default_port) == host.lower().removesuffix(default_port)

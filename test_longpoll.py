@@ -1321,6 +1321,82 @@ def test_a_loopback_server_answers_only_loopback_names(start):
     assert srv.get("/chat/updates").json()["messages"] == []
 
 
+# -- Each checked input in its odd forms (the table in docs/tests.md) ---------------
+# Each form is accepted as docs/contract.md says, or refused with a 4xx JSON
+# error; never a 5xx, a traceback or a hang. Sent as raw bytes: duplicate
+# headers, and headers http.client would tidy, go out as written.
+
+
+@pytest.fixture(scope="module")
+def odd_server():
+    srv = Server("--allow-host", "chat.test", "--post-burst", "10000", "--post-rate", "10000", "--poll-timeout", "1")
+    yield srv
+    err = srv.stop()
+    assert "Traceback" not in err, err
+
+
+POST_JSON = ["POST /chat/messages HTTP/1.1", "Host: 127.0.0.1:{port}", "Content-Type: application/json"]
+X = '{"body":"x"}'
+ODD_FORMS = [
+    # (name, request head lines, body, expected status); {port} is the server's.
+    ("Host: trailing dot", ["GET /status HTTP/1.1", "Host: evil.example."], "", 400),
+    ("Host: trailing dot of an allowed name", ["GET /status HTTP/1.1", "Host: chat.test."], "", 400),
+    ("Host: upper case", ["GET /status HTTP/1.1", "Host: LOCALHOST"], "", 200),
+    ("Host: upper case, not loopback", ["GET /status HTTP/1.1", "Host: EVIL.EXAMPLE"], "", 400),
+    ("Host: a port", ["GET /status HTTP/1.1", "Host: localhost:{port}"], "", 200),
+    ("Host: a port, not loopback", ["GET /status HTTP/1.1", "Host: evil.example:{port}"], "", 400),
+    ("Host: IPv6 literal", ["GET /status HTTP/1.1", "Host: [::1]:{port}"], "", 200),
+    ("Host: IPv6 literal, not loopback", ["GET /status HTTP/1.1", "Host: [2001:db8::1]"], "", 400),
+    ("Host: IPv4-mapped IPv6", ["GET /status HTTP/1.1", "Host: [::ffff:127.0.0.1]"], "", 400),
+    ("Host: IPv6 unclosed", ["GET /status HTTP/1.1", "Host: [::1"], "", 400),
+    ("Host: IPv6 without brackets", ["GET /status HTTP/1.1", "Host: ::1"], "", 400),
+    ("Host: userinfo", ["GET /status HTTP/1.1", "Host: evil@localhost"], "", 400),
+    ("Host: userinfo, loopback first", ["GET /status HTTP/1.1", "Host: localhost@evil.example"], "", 400),
+    ("Host: twice", ["GET /status HTTP/1.1", "Host: localhost", "Host: evil.example"], "", 400),
+    ("Host: twice, the same", ["GET /status HTTP/1.1", "Host: localhost", "Host: localhost"], "", 400),
+    ("Host: empty", ["GET /status HTTP/1.1", "Host: "], "", 400),
+    ("Origin: null", [*POST_JSON, "Origin: null"], X, 403),
+    ("Origin: another port", [*POST_JSON, "Origin: http://127.0.0.1:1"], X, 403),
+    ("Origin: another scheme", [*POST_JSON, "Origin: https://127.0.0.1:{port}"], X, 201),
+    ("Origin: upper case", [*POST_JSON, "Origin: HTTP://127.0.0.1:{port}"], X, 201),
+    ("Origin: userinfo", [*POST_JSON, "Origin: http://evil@127.0.0.1:{port}"], X, 403),
+    ("Origin: IPv6 unclosed", [*POST_JSON, "Origin: http://[::1"], X, 403),
+    ("Content-Length: leading zeros", [*POST_JSON, "Content-Length: 00012"], X, 201),
+    ("Content-Length: plus sign", [*POST_JSON, "Content-Length: +12"], X, 400),
+    ("Content-Length: negative", [*POST_JSON, "Content-Length: -12"], X, 400),
+    ("Content-Length: a terabyte", [*POST_JSON, "Content-Length: 1000000000000"], X, 413),
+    ("Content-Length: over 64 bits", [*POST_JSON, "Content-Length: " + "9" * 30], X, 400),
+    ("browser id: control character", ["GET /chat/updates?cursor=0&browser=abcdefgh%01 HTTP/1.1"], "", 400),
+    ("browser id: non-UTF-8 escaped", ["GET /chat/updates?cursor=0&browser=abcdefgh%FF HTTP/1.1"], "", 400),
+    ("browser id: non-UTF-8 raw", ["GET /chat/updates?cursor=0&browser=abcdefgh\xff HTTP/1.1"], "", 400),
+    ("poll nick: control character", ["GET /chat/updates?cursor=0&browser=abcdefgh&nick=a%01 HTTP/1.1"], "", 400),
+    ("poll nick: non-UTF-8 escaped", ["GET /chat/updates?cursor=0&browser=abcdefgh&nick=a%FF HTTP/1.1"], "", 400),
+    ("poll nick: overlong UTF-8", ["GET /chat/updates?cursor=0&browser=abcdefgh&nick=%C0%AF HTTP/1.1"], "", 400),
+    ("poll nick: non-UTF-8 raw", ["GET /chat/updates?cursor=0&browser=abcdefgh&nick=a\xff HTTP/1.1"], "", 400),
+    ("post nick: control character", POST_JSON, '{"body":"x","nick":"a\\u0001"}', 400),
+    ("post nick: non-UTF-8", POST_JSON, '{"body":"x","nick":"a\xff"}', 400),
+    ("leave browser id: control character", ["POST /chat/leave HTTP/1.1", *POST_JSON[1:]],
+     '{"browser":"abcdefgh\\u0001"}', 400),
+    ("leave browser id: non-UTF-8", ["POST /chat/leave HTTP/1.1", *POST_JSON[1:]], '{"browser":"abcdefgh\xff"}', 400),
+]
+
+
+@pytest.mark.parametrize("head,body,status", [f[1:] for f in ODD_FORMS], ids=[f[0] for f in ODD_FORMS])
+def test_each_checked_input_in_its_odd_forms_is_accepted_or_a_4xx(odd_server, head, body, status):
+    lines = [line.format(port=odd_server.port) for line in head]
+    if not any(line.startswith("Host:") for line in lines):
+        lines.append("Host: localhost")
+    if body and not any(line.startswith("Content-Length:") for line in lines):
+        lines.append(f"Content-Length: {len(body.encode('latin-1'))}")
+    before = odd_server.cursor()
+    answer = raw_request(odd_server, "\r\n".join([*lines, "Connection: close", "", body]).encode("latin-1"))
+    head_bytes, _, sent_body = answer.partition(b"\r\n\r\n")
+    assert int(head_bytes.split()[1]) == status, answer[:300]
+    if status >= 400:
+        assert json.loads(sent_body)["error"]
+        assert odd_server.cursor() == before            # a refused post changed nothing
+
+
 def test_a_broken_body_is_not_hidden_by_a_later_304(feeds):
     f = longpoll.Feed(feeds.feed("/broken-etag", b"<html>oops</html>", etag='"bad"'))
     published_by(f.check)
