@@ -1033,6 +1033,32 @@ def test_forwarded_for_counts_only_from_a_trusted_proxy(start):
     assert len(proxied.get("/chat/updates").json()["messages"]) == 5 + 2
 
 
+# X-Forwarded-For from a trusted proxy in its odd forms (the table in docs/tests.md):
+# each pair is one client written two ways, so its second post is over a burst of 1.
+FORWARDED_FORMS = [
+    ("several headers: the last hop", ["X-Forwarded-For: 10.1.0.2"],
+     ["X-Forwarded-For: 10.1.0.1", "X-Forwarded-For: 10.1.0.2"]),
+    ("spaces around hops", ["X-Forwarded-For: 10.2.0.2"], ["X-Forwarded-For:   10.2.0.1 ,  10.2.0.2  "]),
+    ("IPv6: one /64", ["X-Forwarded-For: 2001:db8::1"], ["X-Forwarded-For: 2001:db8:0:0:ffff::2"]),
+    ("garbage: counted as written", ["X-Forwarded-For: not an address"], ["X-Forwarded-For: not an address"]),
+    ("no hop at all: the proxy itself", ["X-Forwarded-For: , ,"], []),
+]
+
+
+@pytest.mark.parametrize("first,again", [f[1:] for f in FORWARDED_FORMS], ids=[f[0] for f in FORWARDED_FORMS])
+def test_forwarded_for_in_odd_forms_from_a_trusted_proxy_counts_one_client(start, first, again):
+    srv = start("--post-burst", "1", "--post-rate", "0.01", "--trusted-proxy", "127.0.0.5")
+
+    def post(*headers):
+        head = ["POST /chat/messages HTTP/1.1", "Host: localhost", "Content-Type: application/json",
+                "Content-Length: 12", *headers, "Connection: close"]
+        with socket.create_connection((srv.host, srv.port), timeout=5, source_address=("127.0.0.5", 0)) as sock:
+            sock.sendall("\r\n".join([*head, "", '{"body":"x"}']).encode())
+            return int(sock.recv(65536).split()[1])
+    assert [post(*first), post(*again)] == [201, 429]
+    assert post("X-Forwarded-For: 10.9.9.9") == 201        # and the next client is another
+
+
 def test_poll_answers_tell_proxies_not_to_buffer(server):
     assert server.get("/chat/updates").headers["X-Accel-Buffering"] == "no"
     assert server.get("/feed/updates").headers["X-Accel-Buffering"] == "no"
