@@ -2902,3 +2902,13 @@ def test_one_presence_for_every_process_sharing_redis(cluster):
     for srv in (a, b):
         room_wait(srv, lambda h: h == (["bob"], 1), timeout=2.5)
     parked.wait()
+
+
+def test_a_killed_process_takes_only_its_own_browsers_out_of_the_shared_presence(cluster):
+    a, b = cluster(2, "--poll-timeout", "1", "--presence-grace", "30")
+    poll_as(a, "browser-a", "alice")
+    poll_as(b, "browser-b", "bob")
+    room_wait(a, lambda h: h == (["alice", "bob"], 2), timeout=1.5)
+    b.proc.kill()                       # no leave, no last word: its hash in Redis lapses
+    # Gone within the 5 s its share of presence lives in Redis, and a snapshot; long before bob's 30 s grace.
+    room_wait(a, lambda h: h == (["alice"], 1), timeout=7)
