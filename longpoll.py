@@ -345,7 +345,12 @@ class Stream:
         the client's next poll gets the rest at once."""
         if cursor is not None and cursor > self.last_id:
             # An id this process has not seen: only the store knows whether it was issued.
-            issued = self.store.issued(self.key, cursor)
+            try:
+                issued = self.store.issued(self.key, cursor)
+            except storage.StoreError:
+                # Redis cannot say while it is down: wait, as for an id issued elsewhere,
+                # and ask again at the next look (a poll is never a 500 for it).
+                issued = cursor
             if issued is not None:
                 # Issued elsewhere and on its way: wait for what follows. Or the
                 # store had lost it and gave a new id past it: told of the gap.
@@ -497,7 +502,12 @@ def front_door():
 
 @functools.lru_cache(maxsize=256)       # a few names, asked on every request
 def host_name(host_header):
-    return urllib.parse.urlsplit("//" + host_header).hostname or ""
+    if "@" in host_header:
+        return ""       # userinfo is no part of a Host: "evil@localhost" names no loopback host
+    try:
+        return urllib.parse.urlsplit("//" + host_header).hostname or ""
+    except ValueError:
+        return ""       # one urlsplit cannot read ("[::1" unclosed) names nothing: a 400, not a 500
 
 
 @app.hook("after_request")
@@ -605,7 +615,10 @@ def same_origin(origin):
     if from_trusted_proxy():
         host = req.get_header("X-Forwarded-Host", host).split(",")[0].strip()
         scheme = req.get_header("X-Forwarded-Proto", "").split(",")[0].strip().lower() or None
-    parts = urllib.parse.urlsplit(origin)
+    try:
+        parts = urllib.parse.urlsplit(origin)
+    except ValueError:
+        return False    # an Origin urlsplit cannot read ("http://[::1") is no site's: a 403, not a 500
     default_port = {"http": ":80", "https": ":443"}.get(parts.scheme, "")
     # Browsers leave a default port out of Origin; some clients put it in Host.
     return (parts.netloc.lower().removesuffix(default_port) == host.lower().removesuffix(default_port)
@@ -999,6 +1012,9 @@ class Feed:
     def run(self):
         hurry = False       # woken by its hub's denial: no longer pushed, so fetched at once
         while True:
+            # Taken before the check, as Stream.wait() takes its Event before looking:
+            # a wake() that lands while the check yields sends this one, not a lost one.
+            woken = self.wake = eventlet.Event()
             try:
                 # With several processes on one Redis, the one holding a feed's
                 # lease checks it; the others wait out the lease, then take up
@@ -1021,9 +1037,8 @@ class Feed:
             except Exception as e:          # whatever it is, said in /status, and the thread goes on
                 self.ok, self.error, delay = False, f"{type(e).__name__}: {e}", settings.feed_interval
             self.next_check = time.time() + delay
-            self.wake = eventlet.Event()
             # Or less: a hub's denial, or a lease shorter than the wait, wakes it.
-            hurry = self.wake.wait(delay) == "denied"
+            hurry = woken.wait(delay) == "denied"
 
     def check(self):
         """Fetch, parse and publish once; return the seconds until the next check."""
