@@ -264,6 +264,66 @@ settings = None     # main() parses the command line, once
 # -- The stream ---------------------------------------------------------------
 
 
+# Parked polls a publish wakes in one turn of eventlet's hub, before the hub
+# reads its sockets again (Wakeup.send()). Measured in bench.py --busy: see docs/performance.md.
+WAKE_SLICE = 50
+
+
+class Wakeup:
+    """What a stream's parked polls wait on until the next publish: like eventlet's
+    Event (sent once, ready ever after), except that send() wakes the waiters
+    WAKE_SLICE at a time, one slice per turn of the hub.
+
+    Why: Event.send() makes every waiter due in the same pass of the hub's timers,
+    and the hub reads no socket until that pass is over. With clients re-polling
+    at once, as in a busy room, waves follow each other and a POST, or a new
+    visitor's first request, waited a whole fan-out: POST p99 485 ms at 3,000
+    clients and 5 posts a second. Between slices the hub reads what came in
+    (measured with 3,000 clients: 50 a turn gave a POST p99 of ~30 ms, 200 a
+    turn ~400 ms; docs/performance.md has the runs)."""
+
+    def __init__(self):
+        self.sent, self.parked = False, set()
+
+    def ready(self):
+        return self.sent
+
+    def wait(self, timeout):
+        """Park the calling green thread until send(), or for timeout seconds."""
+        if self.sent:
+            return
+        me, hub = eventlet.getcurrent(), eventlet.hubs.get_hub()
+        self.parked.add(me)
+        timer = hub.schedule_call_local(timeout, self.wake, me)
+        try:
+            hub.switch()
+        finally:
+            timer.cancel()
+            self.parked.discard(me)
+
+    def wake(self, waiter):
+        if waiter in self.parked:       # else it is gone already: timed out, or its client left
+            waiter.switch()
+
+    def send(self):
+        """Wake every waiter, from the hub's next turn on: whoever published is answered first."""
+        eventlet.hubs.get_hub().schedule_call_global(0, self.wake_all)
+
+    def wake_all(self):
+        self.sent = True
+        self.wake_slice(list(self.parked), 0)
+
+    def wake_slice(self, waiters, start):
+        # In a timer, so in the hub's own greenlet: a woken poll that blocks
+        # (on its next read) switches back here, and the next one is woken.
+        # The rest is scheduled first, for the hub's next turn, after its sockets.
+        end = start + WAKE_SLICE
+        if end < len(waiters):
+            eventlet.hubs.get_hub().schedule_call_global(0, self.wake_slice, waiters, end)
+        for waiter in waiters[start:end]:
+            self.wake(waiter)
+
+
 class Stream:
     """A bounded history of items with consecutive ids, and the clients waiting for the next.
 
@@ -278,7 +338,7 @@ class Stream:
         self.answers = {}                           # answers given since the last publish, by what they hold
         self.pages = {}                             # since()'s results since the last publish, by cursor
         self.keep(items)
-        self.event = eventlet.Event()
+        self.event = Wakeup()
         self.waiting = 0
         self.closed = False
 
@@ -299,12 +359,10 @@ class Stream:
             self.encoded.clear()
         self.last_id = items[-1]["id"]
         self.keep(items)
-        # An eventlet Event can be sent only once: swap in a fresh one and send
-        # the old one, which wakes every current waiter. Sent on the hub's next
-        # turn, so scheduling thousands of waiters is not done inside the request
-        # of whoever published.
-        event, self.event = self.event, eventlet.Event()
-        eventlet.spawn_after(0, event.send)
+        # A Wakeup is sent only once: swap in a fresh one, then send the old one,
+        # which wakes every current waiter, a slice per turn of the hub.
+        event, self.event = self.event, Wakeup()
+        event.send()
 
     def keep(self, items):
         self.items.extend(items)
@@ -391,7 +449,7 @@ class Stream:
     def close(self):
         """Answer every parked poll now and any later one at once (for shutdown)."""
         self.closed = True
-        event, self.event = self.event, eventlet.Event()
+        event, self.event = self.event, Wakeup()
         event.send()
 
 

@@ -138,6 +138,50 @@ def test_publish_wakes_nobody_before_the_hubs_next_turn():
     assert waiter.wait()[0] == [{"id": 1, "body": "hello"}]
 
 
+# -- A busy room: a publish wakes its waiters a slice per turn of the hub (issue 35)
+
+
+def test_a_publish_wakes_every_waiter_however_many_slices_it_takes():
+    stream = memory_stream(10)
+    n = 2 * longpoll.WAKE_SLICE + 1         # two whole slices and one waiter more
+    waiters = [eventlet.spawn(stream.wait, 0, 30) for _ in range(n)]
+    eventlet.sleep(0)
+    assert stream.waiting == n
+    stream.publish({"body": "hello"})
+    with eventlet.Timeout(5):               # a waiter left behind would sit out its 30 s
+        answers = [w.wait() for w in waiters]
+    assert all(answer == ([{"id": 1, "body": "hello"}], 1, False) for answer in answers)
+    assert stream.waiting == 0
+
+
+def test_a_request_arriving_during_a_wave_is_read_before_the_wave_ends():
+    # The hub reads its sockets only between passes of its timers: had the whole
+    # wave been woken in one pass, a POST arriving meanwhile would wait it out.
+    stream = memory_stream(10)
+    order = []
+    ours, theirs = socket.socketpair()
+
+    def poll():
+        stream.wait(0, 30)
+        if not order:
+            theirs.sendall(b"POST")         # the first poll woken: a request comes in now
+        order.append("answered")
+
+    def reader():
+        ours.recv(4)
+        order.append("request read")
+    polls = [eventlet.spawn(poll) for _ in range(3 * longpoll.WAKE_SLICE)]
+    reading = eventlet.spawn(reader)
+    eventlet.sleep(0)
+    stream.publish({"body": "hello"})
+    with eventlet.Timeout(5):
+        for p in polls + [reading]:
+            p.wait()
+    ours.close()
+    theirs.close()
+    assert order.index("request read") <= longpoll.WAKE_SLICE     # after the first slice at the latest
+
+
 def test_wait_times_out_empty_at_the_same_cursor():
     stream = memory_stream(10)
     stream.publish({"body": "old"})
