@@ -63,6 +63,7 @@ import eventlet.wsgi
 import feedparser
 import httptools
 
+import metrics
 import sharing
 import storage
 
@@ -187,6 +188,9 @@ def parse_args(argv=None):
     p.add_argument("--hub", type=http_url, metavar="URL",
                    help="a WebSub hub to subscribe every feed through, such as Superfeedr's; user:password@ "
                         "in the URL is sent as HTTP Basic auth and never shown (needs --public-url)")
+    p.add_argument("--metrics-from", action="append", default=[], metavar="ADDRESS", type=metrics.network,
+                   help="an address or network (10.0.0.0/8) whose clients may read /metrics, beside loopback "
+                        "clients and --trusted-proxy (repeatable)")
     p.add_argument("--access-log", action="store_true",
                    help="log every request to stderr (costly with thousands of clients)")
     args = p.parse_args(argv)
@@ -307,6 +311,7 @@ class Wakeup:
 
     def send(self):
         """Wake every waiter, from the hub's next turn on: whoever published is answered first."""
+        self.sent_at = time.perf_counter()
         eventlet.hubs.get_hub().schedule_call_global(0, self.wake_all)
 
     def wake_all(self):
@@ -322,6 +327,8 @@ class Wakeup:
             eventlet.hubs.get_hub().schedule_call_global(0, self.wake_slice, waiters, end)
         for waiter in waiters[start:end]:
             self.wake(waiter)
+        if waiters and end >= len(waiters):
+            metrics.wave(time.perf_counter() - self.sent_at)
 
 
 class Stream:
@@ -359,6 +366,7 @@ class Stream:
             self.encoded.clear()
         self.last_id = items[-1]["id"]
         self.keep(items)
+        metrics.published[self.key] += len(items)
         # A Wakeup is sent only once: swap in a fresh one, then send the old one,
         # which wakes every current waiter, a slice per turn of the hub.
         event, self.event = self.event, Wakeup()
@@ -477,6 +485,7 @@ def open_streams(store, history):
 
 
 app = bottle.Bottle()
+app.merge(metrics.app)      # GET /metrics
 
 # -- HTTP helpers -------------------------------------------------------------
 
@@ -493,6 +502,7 @@ def error_body(err):
     # Its traceback holds the frame that holds the error: a cycle per refused
     # request, otherwise freed only by a full garbage collection.
     err.__traceback__ = None
+    metrics.error(err.status_code)
     no_store()      # an error is about this request only: a cache must not replay it
     if "text/html" in bottle.request.get_header("Accept", ""):
         bottle.response.content_type = "text/html; charset=utf-8"
@@ -565,6 +575,7 @@ parked_by_address = collections.Counter()     # client address -> polls it has p
 def updates(stream, cursor):
     with parked():
         items, cursor, gap = stream.wait(cursor, settings.poll_timeout)
+    metrics.answered(stream.key, gap)
     no_store()
     bottle.response.content_type = "application/json"
     return stream.answer(items, cursor, gap)
@@ -709,6 +720,7 @@ store = None        # main() opens the --db, or --redis
 
 
 @app.post("/chat/messages")
+@metrics.timed_post
 def post_message():
     data = json_body()
     bottle.response.content_type = "application/json"   # for the message's own JSON, in UTF-8
@@ -1652,6 +1664,7 @@ def main(argv=None):
         eventlet.spawn(f.run)
     presence = Presence()
     eventlet.spawn(presence.run)
+    metrics.watch(streams, store, feeds, client_address, settings.trusted_proxy + settings.metrics_from)
     # A request leaves no garbage cycles (Protocol, error_body(), rendered()),
     # so the collector has little to find, yet a full collection scans every
     # parked client's objects (half a second at 10,000), landing in a park wave

@@ -480,6 +480,53 @@ def test_status_counts_parked_polls(server):
     poll.wait()
 
 
+# -- /metrics (issue 35) ------------------------------------------------------
+
+
+def scraped(srv, **kw):
+    """/metrics as {sample with its labels: value}."""
+    answer = srv.get("/metrics", **kw)
+    assert answer.status == 200 and answer.headers["Content-Type"].startswith("text/plain; version=")
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in answer.body.decode().splitlines() if line and not line.startswith("#")}
+
+
+def test_metrics_move_with_what_the_server_does(start):
+    srv = start("--post-burst", "2", "--post-rate", "0.01", "--history", "1")
+    before = scraped(srv)
+    cursor = srv.cursor()
+    poll = spawn_poll(srv, f"/chat/updates?cursor={cursor}")
+    srv.wait_for(lambda s: s["streams"]["chat"]["waiting"] == 1)
+    assert scraped(srv)['longpoll_parked_polls{stream="chat"}'] == 1
+    assert srv.post({"body": "one"}).status == 201
+    assert poll.wait().status == 200
+    assert srv.post({"body": "two"}).status == 201
+    assert srv.post({"body": "three"}).status == 429            # the burst of two is spent
+    assert srv.get(f"/chat/updates?cursor={cursor}").json()["gap"]     # "one" is out of the history of 1
+    after = scraped(srv)
+
+    def moved(sample):
+        return after.get(sample, 0) - before.get(sample, 0)
+    assert after['longpoll_parked_polls{stream="chat"}'] == 0
+    assert moved('longpoll_answers_total{stream="chat"}') == 2
+    assert moved('longpoll_gaps_answered_total{stream="chat"}') == 1
+    assert moved('longpoll_published_total{stream="chat"}') == 2
+    assert moved('longpoll_error_answers_total{status="429"}') == 1
+    assert moved("longpoll_post_seconds_count") == 3
+    assert moved("longpoll_fanout_wave_seconds_count") == 1     # the one publish that had a poll parked
+    assert after["longpoll_store_up"] == 1
+
+
+def test_metrics_are_for_loopback_and_trusted_proxies_unless_a_flag_says_otherwise(start):
+    srv = start("--trusted-proxy", "127.0.0.1")
+    visitor = {"X-Forwarded-For": "203.0.113.5"}                # through the proxy, from outside
+    refused = srv.get("/metrics", headers=visitor)
+    assert refused.status == 403 and "--metrics-from" in refused.json()["error"]
+    assert scraped(srv)["longpoll_store_up"] == 1               # the proxy itself, on loopback
+    opened = start("--trusted-proxy", "127.0.0.1", "--metrics-from", "203.0.113.0/24")
+    assert scraped(opened, headers=visitor)["longpoll_store_up"] == 1
+    assert opened.get("/metrics", headers={"X-Forwarded-For": "198.51.100.7"}).status == 403
+
 JSON = {"Content-Type": "application/json"}
 BAD_POSTS = [
     ("not json", b"{nick:", JSON, 400),
