@@ -448,7 +448,8 @@ def busy_clients(targets, first, count, cursor, pipe):
     for c in clients:
         c.poll(b"/chat/updates", cursor)
     pipe.send("polling")
-    latencies, errors = [], 0
+    latencies, errors, answered = [], 0, 0
+    cpu, wall = time.process_time(), time.monotonic()
     while not pipe.poll():
         for key, _ in sel.select(timeout=0.05):
             c = key.data
@@ -461,12 +462,14 @@ def busy_clients(targets, first, count, cursor, pipe):
                 batch = json.loads(c.body)
                 now = time.monotonic()
                 latencies.extend(now - float(m["body"]) for m in batch["messages"])
+                answered += 1
                 c.poll(b"/chat/updates", batch["cursor"])
             except (OSError, RuntimeError, ValueError):
                 errors += 1
                 sel.unregister(c.sock)
     pipe.recv()
-    pipe.send((latencies, errors))
+    # How busy this process was: near 100 %, the load generator, not the server, sets the pace.
+    pipe.send((latencies, errors, answered, (time.process_time() - cpu) / (time.monotonic() - wall)))
     for c in clients:
         c.sock.close()
 
@@ -517,13 +520,15 @@ def busy(apps, n, rate, posters, seconds, generators, drain=1.0):
                 free.append(c)
     time.sleep(drain)
     cpu = sum(a.cpu() for a in apps) - cpu_before
-    latencies, errors = [], 0
+    latencies, errors, answered, busiest = [], 0, 0, 0
     for proc, pipe in workers:
         pipe.send("stop")
     for proc, pipe in workers:
-        got, failed = pipe.recv()
+        got, failed, answers_read, busy_share = pipe.recv()
         latencies += got
         errors += failed
+        answered += answers_read
+        busiest = max(busiest, busy_share)
         proc.join()
     for c in free:
         c.sock.close()
@@ -533,7 +538,8 @@ def busy(apps, n, rate, posters, seconds, generators, drain=1.0):
             "posted": posted, "delivered_per_s": delivered / seconds, "delivered_share": delivered / (posted * n),
             "cpu_us_per_delivered": cpu / max(1, delivered) * 1e6,
             "delivery_p50_ms": percentile(latencies, 50) * 1000, "delivery_p99_ms": percentile(latencies, 99) * 1000,
-            "post_p50_ms": percentile(post_ms, 50), "post_p99_ms": percentile(post_ms, 99), "errors": errors}
+            "post_p50_ms": percentile(post_ms, 50), "post_p99_ms": percentile(post_ms, 99),
+            "messages_per_answer": delivered / max(1, answered), "generator_busy": busiest, "errors": errors}
 
 
 def busy_rooms(sizes, rounds, rate, posters, seconds, generators, compare, slices, json_file):
@@ -561,7 +567,8 @@ def busy_rooms(sizes, rounds, rate, posters, seconds, generators, compare, slice
                 print(f"{name}, {n} clients: {r['delivered_per_s']:,.0f} delivered/s ({100 * r['delivered_share']:.1f} %), "
                       f"{r['cpu_us_per_delivered']:.0f} us CPU a message, delivery p50/p99 {r['delivery_p50_ms']:,.0f}/"
                       f"{r['delivery_p99_ms']:,.0f} ms, POST p50/p99 {r['post_p50_ms']:,.1f}/{r['post_p99_ms']:,.1f} ms, "
-                      f"errors {r['errors']}", flush=True)
+                      f"{r['messages_per_answer']:.1f} messages an answer, busiest generator process "
+                      f"{100 * r['generator_busy']:.0f} %, errors {r['errors']}", flush=True)
     rows = [{"server": name, **busy_summary(results)} for (name, n), results in done.items() if results]
     print(f"\nMachine: {os.cpu_count()} cores, {platform()}; server and load generator ({generators} processes) "
           f"on the same box. {rate:g} posts/s from {posters} posters for {seconds:g} s; medians of {rounds} rounds.\n")
@@ -578,12 +585,13 @@ def busy_summary(results):
 
 def print_busy(rows, first):
     print(f"| {first} | clients | delivered a second | share delivered | server CPU per delivered message "
-          "| delivery p50 / p99 | POST p50 / p99 | errors |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+          "| delivery p50 / p99 | POST p50 / p99 | messages an answer | busiest generator process | errors |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r[first]} | {r['clients']:,} | {r['delivered_per_s']:,.0f} | {100 * r['delivered_share']:.1f} % | "
               f"{r['cpu_us_per_delivered']:.0f} µs | {r['delivery_p50_ms']:,.0f} / {r['delivery_p99_ms']:,.0f} ms | "
-              f"{r['post_p50_ms']:,.1f} / {r['post_p99_ms']:,.1f} ms | {r['errors']} |")
+              f"{r['post_p50_ms']:,.1f} / {r['post_p99_ms']:,.1f} ms | {r['messages_per_answer']:.1f} | "
+              f"{100 * r['generator_busy']:.0f} % | {r['errors']} |")
 
 
 class FeedFarm:

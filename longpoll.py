@@ -268,23 +268,28 @@ settings = None     # main() parses the command line, once
 # -- The stream ---------------------------------------------------------------
 
 
-# Parked polls a publish wakes in one turn of eventlet's hub, before the hub
-# reads its sockets again (Wakeup.send()). Measured in bench.py --busy: see docs/performance.md.
+# Parked polls woken in one turn of eventlet's hub, before the hub reads its
+# sockets again (Wakeup.wake_slice()). Measured in bench.py --busy: see docs/performance.md.
 WAKE_SLICE = 50
 
 
 class Wakeup:
     """What a stream's parked polls wait on until the next publish: like eventlet's
-    Event (sent once, ready ever after), except that send() wakes the waiters
-    WAKE_SLICE at a time, one slice per turn of the hub.
+    Event (sent once, ready ever after), except that the waiters it wakes join
+    one queue, shared by every stream, that the hub works through WAKE_SLICE
+    waiters per turn.
 
     Why: Event.send() makes every waiter due in the same pass of the hub's timers,
     and the hub reads no socket until that pass is over. With clients re-polling
-    at once, as in a busy room, waves follow each other and a POST, or a new
-    visitor's first request, waited a whole fan-out: POST p99 485 ms at 3,000
-    clients and 5 posts a second. Between slices the hub reads what came in
-    (measured with 3,000 clients: 50 a turn gave a POST p99 of ~30 ms, 200 a
-    turn ~400 ms; docs/performance.md has the runs)."""
+    at once, as in a busy room, waves follow each other, and a POST, or a new
+    visitor's first request, waited out a whole fan-out. Between slices the hub
+    reads what came in. One queue, oldest first, not a slice of each wave per
+    turn: with five waves a second, waves sliced side by side each got the same
+    share of a turn however many polls they held, and the big ones starved
+    (3,000 clients, 5 posts a second: 53 % delivered in time, delivery p99 7 s)."""
+
+    queue = collections.deque()     # (Wakeup, waiter) to wake, oldest first; (Wakeup, None) ends a wave
+    draining = False                # a turn of the hub will take the next slice
 
     def __init__(self):
         self.sent, self.parked = False, set()
@@ -316,19 +321,28 @@ class Wakeup:
 
     def wake_all(self):
         self.sent = True
-        self.wake_slice(list(self.parked), 0)
+        if self.parked:
+            Wakeup.queue.extend((self, waiter) for waiter in list(self.parked))
+            Wakeup.queue.append((self, None))
+        if not Wakeup.draining:
+            Wakeup.draining = True
+            Wakeup.wake_slice()
 
-    def wake_slice(self, waiters, start):
+    @staticmethod
+    def wake_slice():
         # In a timer, so in the hub's own greenlet: a woken poll that blocks
         # (on its next read) switches back here, and the next one is woken.
-        # The rest is scheduled first, for the hub's next turn, after its sockets.
-        end = start + WAKE_SLICE
-        if end < len(waiters):
-            eventlet.hubs.get_hub().schedule_call_global(0, self.wake_slice, waiters, end)
-        for waiter in waiters[start:end]:
-            self.wake(waiter)
-        if waiters and end >= len(waiters):
-            metrics.wave(time.perf_counter() - self.sent_at)
+        # The rest waits for the hub's next turn, after its sockets.
+        queue = Wakeup.queue
+        taken = [queue.popleft() for _ in range(min(WAKE_SLICE, len(queue)))]
+        Wakeup.draining = bool(queue)
+        if queue:
+            eventlet.hubs.get_hub().schedule_call_global(0, Wakeup.wake_slice)
+        for wakeup, waiter in taken:
+            if waiter is None:
+                metrics.wave(time.perf_counter() - wakeup.sent_at)
+            else:
+                wakeup.wake(waiter)
 
 
 class Stream:

@@ -154,6 +154,27 @@ def test_a_publish_wakes_every_waiter_however_many_slices_it_takes():
     assert stream.waiting == 0
 
 
+def test_polls_are_woken_oldest_wave_first_whatever_their_stream():
+    # A slice of each wave per turn would give a wave of one poll the same share
+    # of each turn as a wave of thousands, and in a busy room the big ones starved.
+    big, small = memory_stream(10), memory_stream(10)
+    order = []
+
+    def poll(stream, name):
+        stream.wait(0, 30)
+        order.append(name)
+    polls = [eventlet.spawn(poll, big, "big") for _ in range(3 * longpoll.WAKE_SLICE)]
+    polls.append(eventlet.spawn(poll, small, "small"))
+    eventlet.sleep(0)
+    big.publish({"body": "first"})
+    eventlet.sleep(0)                       # the big wave's first slice is woken
+    small.publish({"body": "second"})
+    with eventlet.Timeout(5):
+        for p in polls:
+            p.wait()
+    assert order.index("small") == len(order) - 1
+
+
 def test_a_request_arriving_during_a_wave_is_read_before_the_wave_ends():
     # The hub reads its sockets only between passes of its timers: had the whole
     # wave been woken in one pass, a POST arriving meanwhile would wait it out.
