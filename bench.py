@@ -554,8 +554,8 @@ def busy_rooms(sizes, rounds, rate, posters, seconds, generators, compare, slice
     for _ in range(rounds):
         for name, how in servers:
             for n in sizes:
-                how = dict(how)
-                app = App(*how.pop("flags", ("--poll-timeout", "120")), **how)
+                start = dict(how)
+                app = App(*start.pop("flags", ("--poll-timeout", "120")), **start)
                 try:
                     r = busy(app, n, rate, posters, seconds, generators)
                 except SystemExit as e:
