@@ -324,7 +324,7 @@ class Wakeup:
     def wake_all(self):
         self.sent = True
         if self.parked:
-            Wakeup.queue.extend((self, waiter) for waiter in list(self.parked))
+            Wakeup.queue.extend((self, waiter) for waiter in self.parked)
             Wakeup.queue.append((self, None))
         if not Wakeup.draining:
             Wakeup.draining = True

@@ -548,6 +548,12 @@ def test_metrics_are_for_loopback_and_trusted_proxies_unless_a_flag_says_otherwi
     assert scraped(opened, headers=visitor)["longpoll_store_up"] == 1
     assert opened.get("/metrics", headers={"X-Forwarded-For": "198.51.100.7"}).status == 403
 
+
+def test_metrics_from_takes_an_address_or_a_network_and_nothing_else():
+    proc = subprocess.run([sys.executable, "longpoll.py", "--metrics-from", "everyone"], cwd=HERE,
+                          capture_output=True, text=True, timeout=10)
+    assert proc.returncode == 2 and "not an IP address or network: everyone" in proc.stderr, proc.stderr
+
 JSON = {"Content-Type": "application/json"}
 BAD_POSTS = [
     ("not json", b"{nick:", JSON, 400),
