@@ -4,20 +4,25 @@ throughput, and the feed poller at scale.
 
 It starts longpoll.py as a separate process on a free port and drives it from
 this process over loopback: one epoll loop holds every client connection, so
-the load generator stays cheap next to the server. Standard library only.
+the load generator stays cheap next to the server. The busy room (--busy,
+--scale-out) spreads its clients over several such processes, since one
+reads at most about 10,000 answers a second. Standard library only.
 
     python bench.py                       # the full run, as in docs/performance.md
     python bench.py --clients 1000 --rounds 2 --skip-feeds   # a quick look
     python bench.py --json bench.json     # also write the figures as JSON
     python bench.py --compare             # green threads vs OS threads vs Tornado, parked clients
-    python bench.py --scale-out           # one process in memory, one and two sharing Redis
+    python bench.py --scale-out 1 2 4 8   # one process in memory, then 1, 2, 4, 8 sharing Redis
+    python bench.py --busy 3000 --compare # a busy room: clients re-polling, posts arriving, servers in turns
     python bench.py --websub              # a WebSub hub's push to parked clients of the feed stream
 """
 
 import argparse
+import collections
 import http.client
 import http.server
 import json
+import multiprocessing
 import os
 import re
 import resource
@@ -40,7 +45,7 @@ TICKS = os.sysconf("SC_CLK_TCK")
 class App:
     """longpoll.py in its own process."""
 
-    def __init__(self, *flags, db=None, script=None):
+    def __init__(self, *flags, db=None, script=None, wake_slice=None):
         self.folder = tempfile.TemporaryDirectory(prefix="longpoll-bench-")
         if script:                  # one of examples/, which takes --port and --poll-timeout
             command = [str(HERE / "examples" / script), *flags]
@@ -50,9 +55,12 @@ class App:
             # As by default, a database file (in a folder of its own), unless db=":memory:".
             flags += ("--db", db or os.path.join(self.folder.name, "longpoll.db"))
             command = [str(HERE / "longpoll.py"), *flags]
+            if wake_slice:          # polls a publish wakes per turn of the hub, for --wake-slice
+                command = ["-c", "import sys, longpoll; longpoll.WAKE_SLICE = int(sys.argv.pop(1)); "
+                                 "longpoll.main(sys.argv[1:])", str(wake_slice), *flags]
         self.proc = subprocess.Popen(
             [sys.executable, *command, *(() if "--port" in flags else ("--port", "0"))],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
         match = re.search(r"http://([\d.]+):(\d+)/", self.proc.stdout.readline())
         if not match:
             raise SystemExit(f"longpoll.py did not start: {self.proc.stderr.read()}")
@@ -426,6 +434,166 @@ def posting_alone(posters, seconds, *flags, db=None):
         app.stop()
 
 
+def busy_clients(targets, first, count, cursor, pipe):
+    """One process of the busy room's load generator: clients first to first+count-1,
+    dealt round the targets ((host, port) of each server process), re-polling the
+    moment they are answered, until the parent says stop. Sends back how long
+    each message took to arrive (the sender's time.monotonic() is its body)."""
+    clients = []
+    for i in range(first, first + count):
+        sock = socket.create_connection(targets[i % len(targets)], source_address=(loopback(i), 0))
+        sock.setblocking(False)
+        clients.append(Client(sock))
+    sel = watch(clients)
+    for c in clients:
+        c.poll(b"/chat/updates", cursor)
+    pipe.send("polling")
+    latencies, errors, answered = [], 0, 0
+    cpu, wall = time.process_time(), time.monotonic()
+    while not pipe.poll():
+        for key, _ in sel.select(timeout=0.05):
+            c = key.data
+            try:
+                data = c.sock.recv(262144)
+                if not data:
+                    raise ConnectionError("closed by the server")
+                if not c.feed(data):
+                    continue
+                batch = json.loads(c.body)
+                now = time.monotonic()
+                latencies.extend(now - float(m["body"]) for m in batch["messages"])
+                answered += 1
+                c.poll(b"/chat/updates", batch["cursor"])
+            except (OSError, RuntimeError, ValueError):
+                errors += 1
+                sel.unregister(c.sock)
+    pipe.recv()
+    # How busy this process was: near 100 %, the load generator, not the server, sets the pace.
+    pipe.send((latencies, errors, answered, (time.process_time() - cpu) / (time.monotonic() - wall)))
+    for c in clients:
+        c.sock.close()
+
+
+def busy(apps, n, rate, posters, seconds, generators, drain=1.0):
+    """A busy room: n clients re-polling without pause (dealt over `generators`
+    processes and round the server processes), `rate` posts a second from
+    `posters` keep-alive connections for `seconds`. Deliveries are counted until
+    `drain` seconds after the last post's answer."""
+    apps = apps if isinstance(apps, list) else [apps]
+    targets = [(a.host, a.port) for a in apps]
+    cursor = apps[0].status()["streams"]["chat"]["last_id"]
+    fork = multiprocessing.get_context("fork")
+    workers, per = [], -(-n // generators)
+    for first in range(0, n, per):
+        ours, theirs = fork.Pipe()
+        proc = fork.Process(target=busy_clients, args=(targets, first, min(per, n - first), cursor, theirs),
+                            daemon=True)
+        proc.start()
+        workers.append((proc, ours))
+    for _, pipe in workers:
+        pipe.recv()
+    for i, a in enumerate(apps):
+        share = len(range(i, n, len(apps)))
+        a.wait_until(lambda s: s["streams"]["chat"]["waiting"] == share, 120, f"{share} parked polls")
+    sel, free, pending = selectors.DefaultSelector(), [], {}    # pending: poster -> when its post was due
+    for k in range(posters):        # each poster from an address of its own, dealt round the processes
+        c = Client(socket.create_connection(targets[k % len(targets)], source_address=(loopback(65000 + k), 0)))
+        sel.register(c.sock, selectors.EVENT_READ, c)
+        free.append(c)
+    post_ms = []
+    cpu_before = sum(a.cpu() for a in apps)
+    start = time.monotonic()
+    due = collections.deque(start + k / rate for k in range(round(seconds * rate)))
+    while due or pending:
+        now = time.monotonic()
+        while due and due[0] <= now and free:
+            c = free.pop()
+            pending[c] = due.popleft()
+            body = json.dumps({"nick": "bench", "body": f"{time.monotonic():.6f}"}).encode()
+            c.sock.sendall(b"POST /chat/messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        for key, _ in sel.select(timeout=max(0, min(0.05, due[0] - now)) if due and free else 0.05):
+            c = key.data
+            if c.feed(c.sock.recv(65536)):
+                # From when the post was due, not sent: a post queued behind a slow one waited too.
+                post_ms.append((time.monotonic() - pending.pop(c)) * 1000)
+                free.append(c)
+    time.sleep(drain)
+    cpu = sum(a.cpu() for a in apps) - cpu_before
+    latencies, errors, answered, busiest = [], 0, 0, 0
+    for proc, pipe in workers:
+        pipe.send("stop")
+    for proc, pipe in workers:
+        got, failed, answers_read, busy_share = pipe.recv()
+        latencies += got
+        errors += failed
+        answered += answers_read
+        busiest = max(busiest, busy_share)
+        proc.join()
+    for c in free:
+        c.sock.close()
+    sel.close()
+    delivered, posted = len(latencies), len(post_ms)
+    return {"clients": n, "processes": len(apps), "generators": len(workers), "rate": rate, "seconds": seconds,
+            "posted": posted, "delivered_per_s": delivered / seconds, "delivered_share": delivered / (posted * n),
+            "cpu_us_per_delivered": cpu / max(1, delivered) * 1e6,
+            "delivery_p50_ms": percentile(latencies, 50) * 1000, "delivery_p99_ms": percentile(latencies, 99) * 1000,
+            "post_p50_ms": percentile(post_ms, 50), "post_p99_ms": percentile(post_ms, 99),
+            "messages_per_answer": delivered / max(1, answered), "generator_busy": busiest, "errors": errors}
+
+
+def busy_rooms(sizes, rounds, rate, posters, seconds, generators, compare, slices, json_file):
+    """The busy room on longpoll.py (with each WAKE_SLICE asked for) and, with
+    compare, on the servers of examples/: each round a fresh process of each, in turn."""
+    flags = ("--poll-timeout", "120", "--post-rate", "1000000", "--post-burst", "1000000")
+    servers = [(f"longpoll.py, {k} polls woken a turn" if k else "longpoll.py",
+                {"flags": flags, "db": ":memory:", "wake_slice": k}) for k in slices or [None]]
+    if compare:
+        servers += compared_servers()[1:]
+    done = {(name, n): [] for name, _ in servers for n in sizes}
+    for _ in range(rounds):
+        for name, how in servers:
+            for n in sizes:
+                start = dict(how)
+                app = App(*start.pop("flags", ("--poll-timeout", "120")), **start)
+                try:
+                    r = busy(app, n, rate, posters, seconds, generators)
+                except SystemExit as e:
+                    print(f"{name}, {n} clients: {e}", flush=True)
+                    continue
+                finally:
+                    app.stop()
+                done[name, n].append(r)
+                print(f"{name}, {n} clients: {r['delivered_per_s']:,.0f} delivered/s ({100 * r['delivered_share']:.1f} %), "
+                      f"{r['cpu_us_per_delivered']:.0f} us CPU a message, delivery p50/p99 {r['delivery_p50_ms']:,.0f}/"
+                      f"{r['delivery_p99_ms']:,.0f} ms, POST p50/p99 {r['post_p50_ms']:,.1f}/{r['post_p99_ms']:,.1f} ms, "
+                      f"{r['messages_per_answer']:.1f} messages an answer, busiest generator process "
+                      f"{100 * r['generator_busy']:.0f} %, errors {r['errors']}", flush=True)
+    rows = [{"server": name, **busy_summary(results)} for (name, n), results in done.items() if results]
+    print(f"\nMachine: {os.cpu_count()} cores, {platform()}; server and load generator ({generators} processes) "
+          f"on the same box. {rate:g} posts/s from {posters} posters for {seconds:g} s; medians of {rounds} rounds.\n")
+    print_busy(rows, "server")
+    if json_file:
+        Path(json_file).write_text(json.dumps({"machine": platform(), "busy": rows}, indent=2))
+
+
+def busy_summary(results):
+    """Rounds of busy(), with the median of each figure and the errors of all."""
+    return {**{k: statistics.median(r[k] for r in results) for k in results[0]}, "clients": results[0]["clients"],
+            "errors": sum(r["errors"] for r in results), "rounds": results}
+
+
+def print_busy(rows, first):
+    print(f"| {first} | clients | delivered a second | share delivered | server CPU per delivered message "
+          "| delivery p50 / p99 | POST p50 / p99 | messages an answer | busiest generator process | errors |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r[first]} | {r['clients']:,} | {r['delivered_per_s']:,.0f} | {100 * r['delivered_share']:.1f} % | "
+              f"{r['cpu_us_per_delivered']:.0f} µs | {r['delivery_p50_ms']:,.0f} / {r['delivery_p99_ms']:,.0f} ms | "
+              f"{r['post_p50_ms']:,.1f} / {r['post_p99_ms']:,.1f} ms | {r['messages_per_answer']:.1f} | "
+              f"{100 * r['generator_busy']:.0f} % | {r['errors']} |")
+
+
 class FeedFarm:
     """n small Atom feeds on a local server that answers 304 when the ETag matches."""
 
@@ -498,7 +666,7 @@ def feed_scale(n, interval):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--clients", type=int, nargs="+", default=[1000, 5000, 10000],
+    p.add_argument("--clients", type=int, nargs="+",
                    help="parked clients for each fan-out run (default: 1000 5000 10000)")
     p.add_argument("--rounds", type=int, default=5, help="fan-out rounds per client count (default: 5)")
     p.add_argument("--throughput-clients", type=int, default=1000, help="re-polling clients (default: 1000)")
@@ -512,9 +680,21 @@ def main():
     p.add_argument("--compare", type=int, nargs="*", metavar="N",
                    help="instead of the above: park N clients (default: 2000 10000) on the app's green "
                         "threads, on one OS thread per connection, and on Tornado if it is installed")
-    p.add_argument("--scale-out", type=int, nargs="*", metavar="N",
-                   help="instead of the above: fan-out to N parked clients (default: 10000 20000) on one "
-                        "process in memory, on one process sharing Redis, and spread over two sharing Redis")
+    p.add_argument("--scale-out", type=int, nargs="*", metavar="P",
+                   help="instead of the above: fan-out and the busy room on one process in memory, then on P "
+                        "processes sharing one Redis, for each P (default: 1 2), with --clients (default: 10000) "
+                        "dealt round them")
+    p.add_argument("--busy", type=int, nargs="*", metavar="N",
+                   help="instead of the above: a busy room of N clients (default: 3000) re-polling the moment "
+                        "they are answered while --rate posts a second arrive from --posters; with --compare, "
+                        "the servers of examples/ take turns with longpoll.py")
+    p.add_argument("--rate", type=float, default=5, help="posts a second in the busy room (default: 5)")
+    p.add_argument("--generators", type=int, default=min(8, os.cpu_count()),
+                   help="processes of the busy room's load generator, each with a slice of the clients "
+                        "(default: the cores, 8 at most)")
+    p.add_argument("--wake-slice", type=int, nargs="+", metavar="K",
+                   help="with --busy: longpoll.py once with each WAKE_SLICE K (polls a publish wakes per turn "
+                        "of the hub), in turns")
     p.add_argument("--presence", type=int, nargs="?", const=10000, metavar="N",
                    help="instead of the above: what presence costs per parked poll (N chat polls without and "
                         "with browser ids), and N browsers joining at once while N watch (default: 10000)")
@@ -524,14 +704,21 @@ def main():
     args = p.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    if args.compare is not None:
+    if args.busy is not None:
+        args.busy = args.busy or [3000]
+    elif args.compare is not None:
         args.compare = args.compare or [2000, 10000]
     if args.scale_out is not None:
-        args.scale_out = args.scale_out or [10000, 20000]
-    most = max(args.compare or args.scale_out or args.clients)
+        args.scale_out = args.scale_out or [1, 2]
+        args.clients = args.clients or [10000]
+    args.clients = args.clients or [1000, 5000, 10000]
+    most = max(args.busy or args.compare or args.clients)
     if most + 100 > hard:
         raise SystemExit(f"{most} clients need more open files than this machine's hard limit, {hard} "
                          "(ulimit -Hn); ask for fewer")
+    if args.busy is not None:
+        return busy_rooms(args.busy, args.rounds, args.rate, args.posters, args.seconds, args.generators,
+                          args.compare is not None, args.wake_slice, args.json)
     if args.compare is not None:
         return compare(args.compare, args.rounds, args.json)
     if args.presence is not None:
@@ -539,7 +726,8 @@ def main():
     if args.websub is not None:
         return write_alone("websub", [push_delivery(n, args.rounds) for n in args.websub or [1000]], args.json)
     if args.scale_out is not None:
-        return scale_out(args.scale_out, args.rounds, args.posters, args.seconds, args.json)
+        return scale_out(args.scale_out, args.clients, args.rounds, args.rate, args.posters, args.seconds,
+                         args.generators, args.json)
     report = {"machine": f"{os.cpu_count()} cores, {platform()}", "fan_out": []}
 
     for n in args.clients:
@@ -585,9 +773,8 @@ def main():
         Path(args.json).write_text(json.dumps(report, indent=2))
 
 
-def compare(sizes, rounds, json_file):
-    """The same long-poll contract on three kinds of server: each round a fresh process of each, in turn."""
-    # A long poll timeout, so that a server slow to park N polls still has them all parked at once.
+def compared_servers():
+    """The same long-poll contract on three kinds of server: (name, how App starts it)."""
     servers = [("eventlet green threads (longpoll.py)", {"db": ":memory:"}),
                ("one OS thread per connection (threaded_server.py)", {"script": "threaded_server.py"})]
     try:
@@ -595,6 +782,13 @@ def compare(sizes, rounds, json_file):
         servers.append((f"Tornado {tornado.version} coroutines (tornado_server.py)", {"script": "tornado_server.py"}))
     except ImportError:
         print("tornado is not installed (pip install -r requirements-bench.txt): its row is left out")
+    return servers
+
+
+def compare(sizes, rounds, json_file):
+    """The same long-poll contract on three kinds of server: each round a fresh process of each, in turn."""
+    # A long poll timeout, so that a server slow to park N polls still has them all parked at once.
+    servers = compared_servers()
     done = {(name, n): [] for name, _ in servers for n in sizes}
     # The servers take turns, a fresh process each round: a box whose speed
     # drifts during the run (a shared one does) moves them all alike.
@@ -653,41 +847,53 @@ class Redis:
         self.proc.wait(timeout=10)
 
 
-def scale_out(sizes, rounds, posters, seconds, json_file):
-    """Fan-out on one process in memory, one process on Redis, and two processes on Redis;
-    and posting alone, flat out, on one process in memory and on Redis."""
+def scale_out(counts, sizes, rounds, rate, posters, seconds, generators, json_file):
+    """For each number of processes sharing one Redis (and one process in memory
+    beside them): fan-out to N parked clients dealt round the processes, then the
+    busy room on the same processes; and posting alone, in memory and on Redis."""
     redis = Redis()
-    setups = [("1 process, --db :memory:", 1, {"db": ":memory:"}),
-              ("1 process, --redis", 1, {"flags": ("--redis", redis.url)}),
-              ("2 processes, --redis", 2, {"flags": ("--redis", redis.url)})]
+    setups = [("1 process, --db :memory:", 1, {"db": ":memory:"})]
+    setups += [(f"{c} process{'es' if c > 1 else ''}, --redis", c, {"flags": ("--redis", redis.url)}) for c in counts]
     rows = []
     try:
         for n in sizes:
             for name, count, how in setups:
-                apps = [App(*how.get("flags", ()), db=how.get("db")) for _ in range(count)]
-                try:
-                    for app in apps:
-                        app.wait_until(lambda s: s["storage"]["ok"], 30, "the connection to Redis")
-                    r = fan_out(apps, n, rounds)
-                finally:
-                    for app in apps:
-                        app.stop()
-                rows.append({"setup": name, **r})
-                print(f"{name}, {n} clients: p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms, "
-                      f"POST {r['post_ms']:.1f} ms, {r['kb_per_client']:.1f} KB/client, errors {r['errors']}",
-                      flush=True)
+                fans, busies = [], []
+                for _ in range(rounds):      # a fresh set of processes each round
+                    apps = [App(*how.get("flags", ()), "--post-rate", "1000000", "--post-burst", "1000000",
+                                db=how.get("db")) for _ in range(count)]
+                    try:
+                        for app in apps:
+                            app.wait_until(lambda s: s["storage"]["ok"], 30, "the connection to Redis")
+                        fans += fan_out(apps, n, 1)["rounds"]
+                        busies.append(busy(apps, n, rate, posters, seconds, generators))
+                    finally:
+                        for app in apps:
+                            app.stop()
+                r = {"setup": name, **summary(n, count, fans),
+                     "busy": busy_summary(busies)}
+                rows.append(r)
+                b = r["busy"]
+                print(f"{name}, {n} clients: fan-out p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms, "
+                      f"{r['kb_per_client']:.1f} KB/client; busy: {b['delivered_per_s']:,.0f} delivered/s "
+                      f"({100 * b['delivered_share']:.1f} %), POST p99 {b['post_p99_ms']:,.1f} ms, "
+                      f"errors {r['errors'] + b['errors']}", flush=True)
         posting = {"memory": posting_alone(posters, seconds, db=":memory:"),
                    "redis": posting_alone(posters, seconds, "--redis", redis.url)}
     finally:
         redis.stop()
     print(f"\nMachine: {os.cpu_count()} cores, {platform()}; server processes, Redis and load generator "
-          "on the same box.\n")
-    print("| setup | parked clients | fan-out p50 | fan-out p99 | POST | memory per parked client | errors |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+          f"({generators} processes) on the same box; medians of {rounds} rounds.\n")
+    print("| setup | parked clients | fan-out p50 | fan-out p99 | memory per parked client | busy room: delivered "
+          "a second | share delivered | delivery p99 | POST p99 | errors |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
+        b = r["busy"]
         print(f"| {r['setup']} | {r['clients']:,} | {r['p50_ms']:,.0f} ms | {r['p99_ms']:,.0f} ms | "
-              f"{r['post_ms']:.1f} ms | {r['kb_per_client']:.1f} KB | {r['errors']} |")
-    print(f"\nPosting alone, one process, {posters} posters: {posting['memory']:,.0f} messages/s in memory, "
+              f"{r['kb_per_client']:.1f} KB | {b['delivered_per_s']:,.0f} | {100 * b['delivered_share']:.1f} % | "
+              f"{b['delivery_p99_ms']:,.0f} ms | {b['post_p99_ms']:,.1f} ms | {r['errors'] + b['errors']} |")
+    print(f"\nBusy room: {rate:g} posts/s from {posters} posters for {seconds:g} s, every client re-polling at once.")
+    print(f"Posting alone, one process, {posters} posters: {posting['memory']:,.0f} messages/s in memory, "
           f"{posting['redis']:,.0f}/s through Redis ({100 * posting['redis'] / posting['memory']:.0f} %).")
     if json_file:
         Path(json_file).write_text(json.dumps({"machine": platform(), "scale_out": rows, "posting": posting},

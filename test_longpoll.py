@@ -138,6 +138,71 @@ def test_publish_wakes_nobody_before_the_hubs_next_turn():
     assert waiter.wait()[0] == [{"id": 1, "body": "hello"}]
 
 
+# -- A busy room: a publish wakes its waiters a slice per turn of the hub (issue 35)
+
+
+def test_a_publish_wakes_every_waiter_however_many_slices_it_takes():
+    stream = memory_stream(10)
+    n = 2 * longpoll.WAKE_SLICE + 1         # two whole slices and one waiter more
+    waiters = [eventlet.spawn(stream.wait, 0, 30) for _ in range(n)]
+    eventlet.sleep(0)
+    assert stream.waiting == n
+    stream.publish({"body": "hello"})
+    with eventlet.Timeout(5):               # a waiter left behind would sit out its 30 s
+        answers = [w.wait() for w in waiters]
+    assert all(answer == ([{"id": 1, "body": "hello"}], 1, False) for answer in answers)
+    assert stream.waiting == 0
+
+
+def test_polls_are_woken_oldest_wave_first_whatever_their_stream():
+    # A slice of each wave per turn would give a wave of one poll the same share
+    # of each turn as a wave of thousands, and in a busy room the big ones starved.
+    big, small = memory_stream(10), memory_stream(10)
+    order = []
+
+    def poll(stream, name):
+        stream.wait(0, 30)
+        order.append(name)
+    polls = [eventlet.spawn(poll, big, "big") for _ in range(3 * longpoll.WAKE_SLICE)]
+    polls.append(eventlet.spawn(poll, small, "small"))
+    eventlet.sleep(0)
+    big.publish({"body": "first"})
+    eventlet.sleep(0)                       # the big wave's first slice is woken
+    small.publish({"body": "second"})
+    with eventlet.Timeout(5):
+        for p in polls:
+            p.wait()
+    assert order.index("small") == len(order) - 1
+
+
+def test_a_request_arriving_during_a_wave_is_read_before_the_wave_ends():
+    # The hub reads its sockets only between passes of its timers: had the whole
+    # wave been woken in one pass, a POST arriving meanwhile would wait it out.
+    stream = memory_stream(10)
+    order = []
+    ours, theirs = socket.socketpair()
+
+    def poll():
+        stream.wait(0, 30)
+        if not order:
+            theirs.sendall(b"POST")         # the first poll woken: a request comes in now
+        order.append("answered")
+
+    def reader():
+        ours.recv(4)
+        order.append("request read")
+    polls = [eventlet.spawn(poll) for _ in range(3 * longpoll.WAKE_SLICE)]
+    reading = eventlet.spawn(reader)
+    eventlet.sleep(0)
+    stream.publish({"body": "hello"})
+    with eventlet.Timeout(5):
+        for p in polls + [reading]:
+            p.wait()
+    ours.close()
+    theirs.close()
+    assert order.index("request read") <= longpoll.WAKE_SLICE     # after the first slice at the latest
+
+
 def test_wait_times_out_empty_at_the_same_cursor():
     stream = memory_stream(10)
     stream.publish({"body": "old"})
@@ -448,6 +513,59 @@ def test_status_counts_parked_polls(server):
     server.post({"body": "release"})
     poll.wait()
 
+
+# -- /metrics (issue 35) ------------------------------------------------------
+
+
+def scraped(srv, **kw):
+    """/metrics as {sample with its labels: value}."""
+    answer = srv.get("/metrics", **kw)
+    assert answer.status == 200 and answer.headers["Content-Type"].startswith("text/plain; version=")
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in answer.body.decode().splitlines() if line and not line.startswith("#")}
+
+
+def test_metrics_move_with_what_the_server_does(start):
+    srv = start("--post-burst", "2", "--post-rate", "0.01", "--history", "1")
+    before = scraped(srv)
+    cursor = srv.cursor()
+    poll = spawn_poll(srv, f"/chat/updates?cursor={cursor}")
+    srv.wait_for(lambda s: s["streams"]["chat"]["waiting"] == 1)
+    assert scraped(srv)['longpoll_parked_polls{stream="chat"}'] == 1
+    assert srv.post({"body": "one"}).status == 201
+    assert poll.wait().status == 200
+    assert srv.post({"body": "two"}).status == 201
+    assert srv.post({"body": "three"}).status == 429            # the burst of two is spent
+    assert srv.get(f"/chat/updates?cursor={cursor}").json()["gap"]     # "one" is out of the history of 1
+    after = scraped(srv)
+
+    def moved(sample):
+        return after.get(sample, 0) - before.get(sample, 0)
+    assert after['longpoll_parked_polls{stream="chat"}'] == 0
+    assert moved('longpoll_answers_total{stream="chat"}') == 2
+    assert moved('longpoll_gaps_answered_total{stream="chat"}') == 1
+    assert moved('longpoll_published_total{stream="chat"}') == 2
+    assert moved('longpoll_error_answers_total{status="429"}') == 1
+    assert moved("longpoll_post_seconds_count") == 3
+    assert moved("longpoll_fanout_wave_seconds_count") == 1     # the one publish that had a poll parked
+    assert after["longpoll_store_up"] == 1
+
+
+def test_metrics_are_for_loopback_and_trusted_proxies_unless_a_flag_says_otherwise(start):
+    srv = start("--trusted-proxy", "127.0.0.1")
+    visitor = {"X-Forwarded-For": "203.0.113.5"}                # through the proxy, from outside
+    refused = srv.get("/metrics", headers=visitor)
+    assert refused.status == 403 and "--metrics-from" in refused.json()["error"]
+    assert scraped(srv)["longpoll_store_up"] == 1               # the proxy itself, on loopback
+    opened = start("--trusted-proxy", "127.0.0.1", "--metrics-from", "203.0.113.0/24")
+    assert scraped(opened, headers=visitor)["longpoll_store_up"] == 1
+    assert opened.get("/metrics", headers={"X-Forwarded-For": "198.51.100.7"}).status == 403
+
+
+def test_metrics_from_takes_an_address_or_a_network_and_nothing_else():
+    proc = subprocess.run([sys.executable, "longpoll.py", "--metrics-from", "everyone"], cwd=HERE,
+                          capture_output=True, text=True, timeout=10)
+    assert proc.returncode == 2 and "not an IP address or network: everyone" in proc.stderr, proc.stderr
 
 JSON = {"Content-Type": "application/json"}
 BAD_POSTS = [
