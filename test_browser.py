@@ -449,6 +449,107 @@ def test_messages_missed_while_away_are_filled_from_the_store(start, new_context
         assert page.evaluate("document.querySelector('#messages .gap').nextElementSibling.textContent").endswith(away[-12])
 
 
+# -- Each message once, whichever way it came ------------------------------------
+# The live poll, the store's pages (an empty room's first load, scroll-back, gap
+# filling) and another tab's broadcast can bring the same message. Routes hold
+# the answers, so that both land, in the order each test chooses.
+
+STORE_PAGE = re.compile(r"/chat/messages\?")
+
+
+def hold(page, pattern, which=lambda url: True):
+    """Hold the page's requests to `pattern` that `which(url)` picks, in a list, until the test lets each go."""
+    routes = []
+    page.route(pattern, lambda route: routes.append(route) if which(route.request.url) else route.continue_())
+    return routes
+
+
+def is_poll(url):
+    return "cursor=" in url            # the history, asked without a cursor, goes on
+
+
+def shown_once(page, texts):
+    """The log shows exactly these texts, in order, and no data-id twice."""
+    from playwright.sync_api import expect
+    expect(page.locator("#messages .text")).to_have_text(texts)
+    ids = page.eval_on_selector_all("#messages .message", "items => items.map(item => item.dataset.id)")
+    assert len(set(ids)) == len(ids) == len(texts), ids
+
+
+@pytest.mark.parametrize("order", ["store page first", "poll between"])
+def test_a_new_rooms_first_messages_show_once_in_order_whichever_answer_lands_first(start, new_context, order):
+    srv = start("--poll-timeout", "20")
+    page = new_context().new_page()
+    polls, pages = hold(page, "**/chat/updates*", is_poll), hold(page, STORE_PAGE)
+    page.goto(f"http://127.0.0.1:{srv.port}/")
+    dispatched(page, lambda: polls and pages)   # the empty history came; the poll and the first page wait
+    srv.post({"nick": "bob", "body": "first"})
+    if order == "store page first":
+        srv.post({"nick": "bob", "body": "second"})
+        pages[0].continue_()                    # the newest page: both
+        shown_once(page, ["first", "second"])
+    else:
+        polls[0].continue_()                    # the poll: the first
+        shown_once(page, ["first"])
+        dispatched(page, lambda: len(polls) == 2)
+        srv.post({"nick": "bob", "body": "second"})
+        pages[0].continue_()                    # the newest page: both
+        shown_once(page, ["first", "second"])
+    sent = len(polls)
+    polls[-1].continue_()                       # the poll: what the page already shows, or part of it
+    dispatched(page, lambda: len(polls) > sent)     # the next poll went out: that answer was shown
+    shown_once(page, ["first", "second"])
+
+
+@pytest.mark.parametrize("order", ["gap filled first", "poll first"])
+def test_a_message_that_a_poll_and_the_gap_filling_both_bring_shows_once(start, new_context, order):
+    first = start("--poll-timeout", "20")
+    port = first.port
+    first.post({"body": "before the restart"})
+    page = new_context().new_page()
+    polls = hold(page, "**/chat/updates*", is_poll)
+    page.goto(f"http://127.0.0.1:{port}/")
+    from playwright.sync_api import expect
+    expect(page.locator("#messages .past")).to_have_text("The beginning")     # the first page came
+    dispatched(page, lambda: polls)
+    pages = hold(page, STORE_PAGE)
+    first.stop()
+    # An empty store: its ids go on from the clock, above the page's, and it
+    # answers the held poll with nothing and a gap, which the page fills from the newest page.
+    second = start("--poll-timeout", "20", "--port", str(port))
+    polls[0].continue_()
+    dispatched(page, lambda: pages and len(polls) == 2)
+    second.post({"body": "after the restart"})
+    held = [pages[0], polls[1]] if order == "gap filled first" else [polls[1], pages[0]]
+    held[0].continue_()
+    shown_once(page, ["before the restart", "after the restart"])
+    held[1].continue_()
+    dispatched(page, lambda: len(polls) == 3 and page.locator("#messages .gap").inner_text().startswith("Some"))
+    shown_once(page, ["before the restart", "after the restart"])
+
+
+def test_a_message_that_a_broadcast_and_the_first_page_both_bring_shows_once(start, new_context):
+    srv = start("--poll-timeout", "20")
+    context = new_context()
+    leader, tab = context.new_page(), context.new_page()
+    polls = hold(leader, "**/chat/updates*", is_poll)
+    leader.goto(f"http://127.0.0.1:{srv.port}/")
+    dispatched(leader, lambda: polls)           # it leads; its poll waits
+    pages = hold(tab, STORE_PAGE)
+    tab.goto(f"http://127.0.0.1:{srv.port}/")
+    dispatched(tab, lambda: pages)              # the second tab's empty history came; its first page waits
+    tab.evaluate("""() => { window.told = false;     // after the page's own channel: told after it heard
+        new BroadcastChannel("longpoll /chat/updates").onmessage = ({data}) => {
+            if (data.batch && data.batch.messages.length) window.told = true; }; }""")
+    srv.post({"nick": "bob", "body": "hello"})
+    pages[0].continue_()
+    shown_once(tab, ["hello"])
+    polls[0].continue_()                        # the leader shows it and tells the other tab
+    shown_once(leader, ["hello"])
+    dispatched(tab, lambda: tab.evaluate("window.told"))
+    shown_once(tab, ["hello"])
+
+
 RECORD_HERE = """
 window.hereSeen = [];
 document.addEventListener("DOMContentLoaded", () => {
