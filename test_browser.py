@@ -32,6 +32,10 @@ HOSTILE = [
 ]
 
 
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
 @pytest.fixture(scope="module")
 def browser():
     try:
@@ -41,9 +45,7 @@ def browser():
     with sync_playwright() as p:
         system = shutil.which("chromium") or shutil.which("chromium-browser")
         try:
-            browser = p.chromium.launch(executable_path=system, args=[
-                "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--no-first-run"])
+            browser = p.chromium.launch(executable_path=system, args=CHROMIUM_ARGS)
         except Exception as e:          # no system Chromium and none installed by Playwright
             missing(f"no Chromium to run: {str(e).splitlines()[0]}")
         yield browser
@@ -761,6 +763,230 @@ def fits(page, selector):
     width, height = page.viewport_size["width"], page.viewport_size["height"]
     assert 0 <= box["x"] and box["x"] + box["width"] <= width and box["y"] + box["height"] <= height, box
     assert page.evaluate("document.scrollingElement.scrollWidth") <= width
+
+
+# -- Every visitor: what a screen reader hears, axe-core, focus, dark mode -------
+
+AXE = HERE / "node_modules" / "axe-core" / "axe.min.js"
+AXE_TAGS = ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa", "best-practice"]
+
+
+def axe(page):
+    """axe-core's violations on the page as it is now: [(rule, impact, [targets])]."""
+    if not AXE.exists():
+        missing(f"axe-core is not installed ({AXE.relative_to(HERE)}; npm ci)")
+    # Once nothing is fading in: axe measures the contrast of half-faded text as it is.
+    page.wait_for_function("document.getAnimations().length === 0")
+    if page.evaluate("typeof axe === 'undefined'"):
+        page.add_script_tag(path=str(AXE))      # inline: its context bypasses the pages' CSP
+    result = page.evaluate("tags => axe.run(document, {runOnly: {type: 'tag', values: tags}})", AXE_TAGS)
+    return [(v["id"], v["impact"], [n["target"] for n in v["nodes"]]) for v in result["violations"]]
+
+
+# Records, in window.spoken, the text each change adds to a live region: what
+# a screen reader would say.
+RECORD_SPOKEN = """
+window.spoken = [];
+const LIVE = '[aria-live]:not([aria-live="off"]), [role="log"], [role="status"], [role="alert"]';
+const observer = new MutationObserver(records => {
+  for (const r of records) {
+    const target = r.target.nodeType === Node.ELEMENT_NODE ? r.target : r.target.parentElement;
+    if (!target || !target.closest(LIVE)) continue;
+    if (r.type === "characterData") window.spoken.push(r.target.data);
+    for (const node of r.addedNodes) if (node.textContent.trim()) window.spoken.push(node.textContent);
+  }
+});
+// From when the page is parsed: what the page comes with is read as the page, not announced.
+document.addEventListener("DOMContentLoaded", () =>
+  observer.observe(document, {subtree: true, childList: true, characterData: true}));
+"""
+
+
+def spoken(page):
+    return page.evaluate("window.spoken")
+
+
+def test_only_what_arrives_now_is_announced_and_a_burst_as_a_count(start, new_context):
+    from playwright.sync_api import expect
+    srv = start("--history", "20", "--post-burst", "1000", "--poll-timeout", "20")
+    for n in range(100):
+        srv.post({"nick": "past", "body": f"old {n}"})
+    page = new_context(RECORD_SPOKEN, viewport={"width": 1280, "height": 720}).new_page()
+    polls = hold(page, "**/chat/updates*", is_poll)
+    page.goto(f"http://127.0.0.1:{srv.port}/")
+    # The history, the pages before it, "Loading…" and "The beginning": all the past.
+    for count in (20, 70, 100):
+        expect(page.locator("#messages .message")).to_have_count(count)
+        page.evaluate("document.getElementById('messages').scrollTop = 0")
+    expect(page.locator("#messages .past")).to_have_text("The beginning")
+    # A gap filled from the store: 30 posted while the poll is held, past the 20 the server's memory keeps.
+    dispatched(page, lambda: polls)
+    for n in range(30):
+        srv.post({"nick": "past", "body": f"missed {n}"})
+    polls[0].continue_()
+    expect(page.locator("#messages .message")).to_have_count(130)
+    expect(page.locator("#messages .gap")).to_have_count(0)
+    # A message that arrives now: said once, with its nick.
+    dispatched(page, lambda: len(polls) == 2)
+    polls[1].continue_()
+    srv.post({"nick": "bob", "body": "hello now"})
+    expect(page.locator("#heard")).to_have_text("bob: hello now")
+    # A burst, in one answer: a count.
+    dispatched(page, lambda: len(polls) == 3)
+    for n in range(12):
+        srv.post({"nick": "bob", "body": f"burst {n}"})
+    polls[2].continue_()
+    expect(page.locator("#heard")).to_have_text("12 new messages")
+    assert spoken(page) == ["Live", "bob: hello now", "12 new messages"], spoken(page)
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_the_chat_page_has_no_axe_violations_in_any_state(start, new_context, scheme):
+    from playwright.sync_api import expect
+    srv = start("--poll-timeout", "20")
+    url = f"http://127.0.0.1:{srv.port}/"
+    page = new_context(nicked("alice"), RECORD_SPOKEN, bypass_csp=True, color_scheme=scheme).new_page()
+    page.goto(url)
+    expect(page.locator("#messages .past")).to_have_text("No messages yet. Write the first one below.")
+    assert axe(page) == [], "an empty room"
+    srv.post({"nick": "bob", "body": "hello, see https://example.com/a"})
+    send(page, "hi bob")
+    expect(page.locator("#messages .message")).to_have_count(2)
+    assert axe(page) == [], "messages"
+    other = new_context(nicked("bob"), color_scheme=scheme).new_page()
+    other.goto(url)
+    expect(page.locator("#here")).to_have_text("Here: alice, bob")
+    assert axe(page) == [], "the presence line"
+    assert not any("Here" in text for text in spoken(page))     # who comes and goes is not read out
+    send(page, "bell \x07 character")
+    expect(page.locator("#notice")).to_be_visible()
+    assert axe(page) == [], "a refused post"
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_the_feed_page_flowing_and_paused_by_keyboard_has_no_axe_violations_and_says_nothing(
+        feed_setup, new_context, scheme):
+    from playwright.sync_api import expect
+    srv, feeds = feed_setup
+    srv.wait_for(lambda s: sum(f["entries"] for f in s["feeds"]) == 5)
+    page = new_context(RECORD_SPOKEN, bypass_csp=True, color_scheme=scheme).new_page()
+    page.goto(f"http://{srv.host}:{srv.port}/feed?pace=100")
+    expect(page.locator("#entries .entry")).to_have_count(5)
+    feeds.feed("/a.xml", atom(numbered(1, 4) + HOSTILE_ENTRIES, title="Fixture Atom"))
+    expect(page.locator("#entries .title").first).to_have_text("Entry 4", timeout=10000)
+    expect(page.locator("#feeds")).to_contain_text("HTTP 500")
+    assert axe(page) == [], "flowing"
+    # Paused from the keyboard alone: Tab to the button, Enter; resumed with Space.
+    for _ in range(10):
+        if page.evaluate("document.activeElement.id") == "pace":
+            break
+        page.keyboard.press("Tab")
+    page.keyboard.press("Enter")
+    expect(page.locator("#pace")).to_have_text("Paused")
+    assert axe(page) == [], "paused"
+    page.keyboard.press(" ")
+    expect(page.locator("#pace")).to_have_text("Live")
+    assert spoken(page) == ["Live"], spoken(page)      # the stream itself is never read out
+
+
+# The focused element's ring, and the first opaque background behind it (what the ring is drawn on).
+FOCUS_RING = """() => {
+  const e = document.activeElement, style = getComputedStyle(e);
+  let behind = e.parentElement, bg = "";
+  for (; behind; behind = behind.parentElement) {
+    bg = getComputedStyle(behind).backgroundColor;
+    if (bg !== "rgba(0, 0, 0, 0)" && bg !== "transparent") break;
+  }
+  return {name: e.id || e.tagName + " " + e.textContent.slice(0, 30), style: style.outlineStyle,
+          width: parseFloat(style.outlineWidth), color: style.outlineColor, bg};
+}"""
+
+
+def luminance(css):
+    """WCAG's relative luminance of a CSS rgb() colour: 0 for black, 1 for white."""
+    r, g, b = (int(c) / 255 for c in re.findall(r"\d+", css)[:3])
+    r, g, b = (c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in (r, g, b))
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def contrast(a, b):
+    """WCAG's contrast ratio of two CSS rgb() colours."""
+    light, dark = sorted((luminance(a), luminance(b)), reverse=True)
+    return (light + 0.05) / (dark + 0.05)
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_every_control_shows_a_focus_ring_of_3_to_1_and_dark_mode_is_dark(feed_setup, new_context, scheme):
+    from playwright.sync_api import expect
+    srv, feeds = feed_setup
+    srv.post({"nick": "bob", "body": "a link: https://example.com/a"})
+    context = new_context(color_scheme=scheme)
+    for path, ready, controls in (("/", "#messages .message", {"messages", "nick", "body"}),
+                                  ("/feed?pace=100", "#entries a.title", {"pace"})):
+        page = context.new_page()
+        page.goto(f"http://{srv.host}:{srv.port}{path}")
+        expect(page.locator(ready).first).to_be_visible()
+        for part in ("document.documentElement", "document.querySelector('.bar')"):     # the page and its cards
+            assert (luminance(page.evaluate(f"getComputedStyle({part}).backgroundColor")) < 0.05) == (scheme == "dark")
+        rings = []
+        for _ in range(40):                     # every control, by the keyboard, round to the first again
+            page.keyboard.press("Tab")
+            ring = page.evaluate(FOCUS_RING)
+            if rings and ring["name"] == rings[0]["name"]:
+                break
+            if not ring["name"].startswith("BODY"):     # past the last control, before the first
+                rings.append(ring)
+        assert controls <= {ring["name"] for ring in rings}, rings
+        for ring in rings:
+            assert ring["style"] not in ("none", "auto") and ring["width"] >= 2, ring
+            assert contrast(ring["color"], ring["bg"]) >= 3, ring
+
+
+def test_reduced_motion_stops_the_feeds_slide_and_the_reconnecting_blink(feed_setup, new_context):
+    from playwright.sync_api import expect
+    srv, feeds = feed_setup
+    for motion, slide, blink in (("no-preference", "arrive", "blink"), ("reduce", "none", "none")):
+        page = new_context(reduced_motion=motion).new_page()
+        # The history comes; every poll after it fails, and the page says it is reconnecting.
+        page.route("**/feed/updates*", lambda route: route.abort() if is_poll(route.request.url) else route.continue_())
+        page.goto(f"http://{srv.host}:{srv.port}/feed")
+        expect(page.locator("#entries .entry").first).to_be_visible()
+        assert page.locator("#entries .entry").first.evaluate("e => getComputedStyle(e).animationName") == slide
+        expect(page.locator("#state")).to_have_text("Reconnecting…")
+        assert page.locator("#state").evaluate("e => getComputedStyle(e, '::before').animationName") == blink
+
+
+def test_a_chat_page_back_from_the_back_forward_cache_goes_on(start, browser):
+    from playwright.sync_api import expect
+    srv = start("--poll-timeout", "5")
+    # Playwright's browsers have the cache turned off; this one keeps it, as browsers do.
+    cached = browser.browser_type.launch(executable_path=shutil.which("chromium") or shutil.which("chromium-browser"),
+                                         args=CHROMIUM_ARGS, ignore_default_args=["--disable-back-forward-cache"])
+    try:
+        page = cached.new_page()
+        page.add_init_script("addEventListener('pageshow', event => { window.restored = event.persisted; });")
+        page.goto(f"http://127.0.0.1:{srv.port}/")
+        expect(page.locator("#state")).to_have_text("Live")
+        srv.post({"nick": "bob", "body": "before leaving"})
+        expect(page.locator("#messages .text")).to_have_text(["before leaving"])
+        page.goto(f"http://127.0.0.1:{srv.port}/feed")
+        page.go_back(wait_until="commit")       # a page from the cache is shown again, not loaded
+        page.wait_for_function("window.restored === true", timeout=5000)
+        srv.post({"nick": "bob", "body": "after coming back"})
+        expect(page.locator("#messages .text")).to_have_text(["before leaving", "after coming back"], timeout=20000)
+        expect(page.locator("#state")).to_have_text("Live")
+    finally:
+        cached.close()
+
+
+def test_both_pages_reflow_at_320_px_without_sideways_scrolling(feed_setup, open_page):
+    from playwright.sync_api import expect
+    srv, feeds = feed_setup
+    srv.post({"nick": "a-rather-long-nick-name", "body": "https://example.com/" + "a-very-long-path/" * 8})
+    for path, ready in (("/", "#messages .message"), ("/feed", "#entries .entry")):
+        page = open_page(f"http://{srv.host}:{srv.port}{path}", viewport={"width": 320, "height": 640})
+        expect(page.locator(ready).first).to_be_visible()
+        assert page.evaluate("document.scrollingElement.scrollWidth") <= 320
 
 
 def readme_nginx_block(upstream=False):

@@ -97,6 +97,23 @@ function insert(list) {
   return added;
 }
 
+// What arrives now is said once, by a hidden live region: the log is not one,
+// or scroll-back and gap filling would be read out as news. Messages that come
+// within half a second of each other are said as a count.
+const heard = document.getElementById("heard");
+let unsaid = [];
+function announce(list) {
+  if (!list.length) return;
+  if (!unsaid.length) {
+    setTimeout(() => {
+      const [m] = unsaid;
+      heard.replaceChildren(el("p", "", unsaid.length === 1 ? `${m.nick}: ${m.body}` : `${unsaid.length} new messages`));
+      unsaid = [];
+    }, 500);
+  }
+  unsaid.push(...list);
+}
+
 // A page of the chat's past, from the store (it keeps more than the polls serve).
 async function pastPage(before, limit) {
   const query = before === null ? "" : `&before=${before}`;
@@ -154,7 +171,8 @@ longPoll("/chat/updates", "messages", (batch, gap, first) => {
     messages.append(notice);
     fillGap(notice, newest, batch.length ? batch[0].id : null);
   }
-  insert(batch);
+  const added = insert(batch);
+  if (!first && !gap) announce(added);      // the history, and catching up after a gap, are the past
   if (batch.length) {
     newest = batch[batch.length - 1].id;
     if (oldest === null) {
