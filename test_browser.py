@@ -732,7 +732,7 @@ SHOWCASE = atom([
 
 
 @pytest.mark.first_feed(SHOWCASE)
-def test_both_pages_fit_desktop_and_phone_and_are_photographed(feed_setup, open_page, tmp_path):
+def test_both_pages_fit_desktop_and_phone_and_are_photographed(feed_setup, open_page, new_context, tmp_path):
     """Each page fits its viewport without sideways scrolling. The screenshots go to a
     temporary folder, or with SCREENSHOTS=docs to docs/ for the README."""
     from playwright.sync_api import expect
@@ -741,12 +741,15 @@ def test_both_pages_fit_desktop_and_phone_and_are_photographed(feed_setup, open_
     srv.post({"nick": "ada", "body": "Has anyone tried the feed page? It never scrolls."})
     srv.post({"nick": "grace", "body": "Yes, hover over it and it pauses. Docs: https://example.com/longpoll"})
     srv.post({"nick": "linus", "body": "<script>alert('hi')</script> shows up as plain text, as it should."})
+    new_context(nicked("grace")).new_page().goto(f"http://{srv.host}:{srv.port}/")     # someone else is here
     for name, size in (("desktop", {"width": 1280, "height": 720}), ("phone", {"width": 390, "height": 760})):
-        chat = open_page(f"http://{srv.host}:{srv.port}/", viewport=size)
-        chat.fill("#nick", "ada")
+        chat = new_context(nicked("ada"), viewport=size).new_page()
+        chat.goto(f"http://{srv.host}:{srv.port}/")
         expect(chat.locator("#messages .message")).to_have_count(3)
+        expect(chat.locator("#here")).to_have_text(re.compile(r"^Here: (ada, grace|grace, ada)$"))
         fits(chat, "#compose")
         chat.screenshot(path=shots / f"chat-{name}.png")
+        chat.close()                            # ada is here once, whichever size she uses
         feed = open_page(f"http://{srv.host}:{srv.port}/feed?pace=100", viewport=size)
         expect(feed.locator("#entries .entry")).to_have_count(5, timeout=10000)
         expect(feed.locator("#entries .title")).to_have_text([      # the showcase, newest on top
