@@ -1383,7 +1383,11 @@ class Relay:
             except OSError:
                 return
             alive = self.flowing.is_set()   # a connection made while cut off never flows
-            upstream = socket.create_connection(("127.0.0.1", self.target))
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:                 # the app already stopped, as the test ends: nothing to relay to
+                client.close()
+                continue
             self.socks += [client, upstream]
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self.pump, args=(a, b, alive), daemon=True).start()
