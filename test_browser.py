@@ -32,6 +32,10 @@ HOSTILE = [
 ]
 
 
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
 @pytest.fixture(scope="module")
 def browser():
     try:
@@ -41,9 +45,7 @@ def browser():
     with sync_playwright() as p:
         system = shutil.which("chromium") or shutil.which("chromium-browser")
         try:
-            browser = p.chromium.launch(executable_path=system, args=[
-                "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--no-first-run"])
+            browser = p.chromium.launch(executable_path=system, args=CHROMIUM_ARGS)
         except Exception as e:          # no system Chromium and none installed by Playwright
             missing(f"no Chromium to run: {str(e).splitlines()[0]}")
         yield browser
@@ -449,6 +451,107 @@ def test_messages_missed_while_away_are_filled_from_the_store(start, new_context
         assert page.evaluate("document.querySelector('#messages .gap').nextElementSibling.textContent").endswith(away[-12])
 
 
+# -- Each message once, whichever way it came ------------------------------------
+# The live poll, the store's pages (an empty room's first load, scroll-back, gap
+# filling) and another tab's broadcast can bring the same message. Routes hold
+# the answers, so that both land, in the order each test chooses.
+
+STORE_PAGE = re.compile(r"/chat/messages\?")
+
+
+def hold(page, pattern, which=lambda url: True):
+    """Hold the page's requests to `pattern` that `which(url)` picks, in a list, until the test lets each go."""
+    routes = []
+    page.route(pattern, lambda route: routes.append(route) if which(route.request.url) else route.continue_())
+    return routes
+
+
+def is_poll(url):
+    return "cursor=" in url            # the history, asked without a cursor, goes on
+
+
+def shown_once(page, texts):
+    """The log shows exactly these texts, in order, and no data-id twice."""
+    from playwright.sync_api import expect
+    expect(page.locator("#messages .text")).to_have_text(texts)
+    ids = page.eval_on_selector_all("#messages .message", "items => items.map(item => item.dataset.id)")
+    assert len(set(ids)) == len(ids) == len(texts), ids
+
+
+@pytest.mark.parametrize("order", ["store page first", "poll between"])
+def test_a_new_rooms_first_messages_show_once_in_order_whichever_answer_lands_first(start, new_context, order):
+    srv = start("--poll-timeout", "20")
+    page = new_context().new_page()
+    polls, pages = hold(page, "**/chat/updates*", is_poll), hold(page, STORE_PAGE)
+    page.goto(f"http://127.0.0.1:{srv.port}/")
+    dispatched(page, lambda: polls and pages)   # the empty history came; the poll and the first page wait
+    srv.post({"nick": "bob", "body": "first"})
+    if order == "store page first":
+        srv.post({"nick": "bob", "body": "second"})
+        pages[0].continue_()                    # the newest page: both
+        shown_once(page, ["first", "second"])
+    else:
+        polls[0].continue_()                    # the poll: the first
+        shown_once(page, ["first"])
+        dispatched(page, lambda: len(polls) == 2)
+        srv.post({"nick": "bob", "body": "second"})
+        pages[0].continue_()                    # the newest page: both
+        shown_once(page, ["first", "second"])
+    sent = len(polls)
+    polls[-1].continue_()                       # the poll: what the page already shows, or part of it
+    dispatched(page, lambda: len(polls) > sent)     # the next poll went out: that answer was shown
+    shown_once(page, ["first", "second"])
+
+
+@pytest.mark.parametrize("order", ["gap filled first", "poll first"])
+def test_a_message_that_a_poll_and_the_gap_filling_both_bring_shows_once(start, new_context, order):
+    first = start("--poll-timeout", "20")
+    port = first.port
+    first.post({"body": "before the restart"})
+    page = new_context().new_page()
+    polls = hold(page, "**/chat/updates*", is_poll)
+    page.goto(f"http://127.0.0.1:{port}/")
+    from playwright.sync_api import expect
+    expect(page.locator("#messages .past")).to_have_text("The beginning")     # the first page came
+    dispatched(page, lambda: polls)
+    pages = hold(page, STORE_PAGE)
+    first.stop()
+    # An empty store: its ids go on from the clock, above the page's, and it
+    # answers the held poll with nothing and a gap, which the page fills from the newest page.
+    second = start("--poll-timeout", "20", "--port", str(port))
+    polls[0].continue_()
+    dispatched(page, lambda: pages and len(polls) == 2)
+    second.post({"body": "after the restart"})
+    held = [pages[0], polls[1]] if order == "gap filled first" else [polls[1], pages[0]]
+    held[0].continue_()
+    shown_once(page, ["before the restart", "after the restart"])
+    held[1].continue_()
+    dispatched(page, lambda: len(polls) == 3 and page.locator("#messages .gap").inner_text().startswith("Some"))
+    shown_once(page, ["before the restart", "after the restart"])
+
+
+def test_a_message_that_a_broadcast_and_the_first_page_both_bring_shows_once(start, new_context):
+    srv = start("--poll-timeout", "20")
+    context = new_context()
+    leader, tab = context.new_page(), context.new_page()
+    polls = hold(leader, "**/chat/updates*", is_poll)
+    leader.goto(f"http://127.0.0.1:{srv.port}/")
+    dispatched(leader, lambda: polls)           # it leads; its poll waits
+    pages = hold(tab, STORE_PAGE)
+    tab.goto(f"http://127.0.0.1:{srv.port}/")
+    dispatched(tab, lambda: pages)              # the second tab's empty history came; its first page waits
+    tab.evaluate("""() => { window.told = false;     // after the page's own channel: told after it heard
+        new BroadcastChannel("longpoll /chat/updates").onmessage = ({data}) => {
+            if (data.batch && data.batch.messages.length) window.told = true; }; }""")
+    srv.post({"nick": "bob", "body": "hello"})
+    pages[0].continue_()
+    shown_once(tab, ["hello"])
+    polls[0].continue_()                        # the leader shows it and tells the other tab
+    shown_once(leader, ["hello"])
+    dispatched(tab, lambda: tab.evaluate("window.told"))
+    shown_once(tab, ["hello"])
+
+
 RECORD_HERE = """
 window.hereSeen = [];
 document.addEventListener("DOMContentLoaded", () => {
@@ -629,7 +732,7 @@ SHOWCASE = atom([
 
 
 @pytest.mark.first_feed(SHOWCASE)
-def test_both_pages_fit_desktop_and_phone_and_are_photographed(feed_setup, open_page, tmp_path):
+def test_both_pages_fit_desktop_and_phone_and_are_photographed(feed_setup, open_page, new_context, tmp_path):
     """Each page fits its viewport without sideways scrolling. The screenshots go to a
     temporary folder, or with SCREENSHOTS=docs to docs/ for the README."""
     from playwright.sync_api import expect
@@ -638,12 +741,15 @@ def test_both_pages_fit_desktop_and_phone_and_are_photographed(feed_setup, open_
     srv.post({"nick": "ada", "body": "Has anyone tried the feed page? It never scrolls."})
     srv.post({"nick": "grace", "body": "Yes, hover over it and it pauses. Docs: https://example.com/longpoll"})
     srv.post({"nick": "linus", "body": "<script>alert('hi')</script> shows up as plain text, as it should."})
+    new_context(nicked("grace")).new_page().goto(f"http://{srv.host}:{srv.port}/")     # someone else is here
     for name, size in (("desktop", {"width": 1280, "height": 720}), ("phone", {"width": 390, "height": 760})):
-        chat = open_page(f"http://{srv.host}:{srv.port}/", viewport=size)
-        chat.fill("#nick", "ada")
+        chat = new_context(nicked("ada"), viewport=size).new_page()
+        chat.goto(f"http://{srv.host}:{srv.port}/")
         expect(chat.locator("#messages .message")).to_have_count(3)
+        expect(chat.locator("#here")).to_have_text(re.compile(r"^Here: (ada, grace|grace, ada)$"))
         fits(chat, "#compose")
         chat.screenshot(path=shots / f"chat-{name}.png")
+        chat.close()                            # ada is here once, whichever size she uses
         feed = open_page(f"http://{srv.host}:{srv.port}/feed?pace=100", viewport=size)
         expect(feed.locator("#entries .entry")).to_have_count(5, timeout=10000)
         expect(feed.locator("#entries .title")).to_have_text([      # the showcase, newest on top
@@ -660,6 +766,230 @@ def fits(page, selector):
     width, height = page.viewport_size["width"], page.viewport_size["height"]
     assert 0 <= box["x"] and box["x"] + box["width"] <= width and box["y"] + box["height"] <= height, box
     assert page.evaluate("document.scrollingElement.scrollWidth") <= width
+
+
+# -- Every visitor: what a screen reader hears, axe-core, focus, dark mode -------
+
+AXE = HERE / "node_modules" / "axe-core" / "axe.min.js"
+AXE_TAGS = ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa", "best-practice"]
+
+
+def axe(page):
+    """axe-core's violations on the page as it is now: [(rule, impact, [targets])]."""
+    if not AXE.exists():
+        missing(f"axe-core is not installed ({AXE.relative_to(HERE)}; npm ci)")
+    # Once nothing is fading in: axe measures the contrast of half-faded text as it is.
+    page.wait_for_function("document.getAnimations().length === 0")
+    if page.evaluate("typeof axe === 'undefined'"):
+        page.add_script_tag(path=str(AXE))      # inline: its context bypasses the pages' CSP
+    result = page.evaluate("tags => axe.run(document, {runOnly: {type: 'tag', values: tags}})", AXE_TAGS)
+    return [(v["id"], v["impact"], [n["target"] for n in v["nodes"]]) for v in result["violations"]]
+
+
+# Records, in window.spoken, the text each change adds to a live region: what
+# a screen reader would say.
+RECORD_SPOKEN = """
+window.spoken = [];
+const LIVE = '[aria-live]:not([aria-live="off"]), [role="log"], [role="status"], [role="alert"]';
+const observer = new MutationObserver(records => {
+  for (const r of records) {
+    const target = r.target.nodeType === Node.ELEMENT_NODE ? r.target : r.target.parentElement;
+    if (!target || !target.closest(LIVE)) continue;
+    if (r.type === "characterData") window.spoken.push(r.target.data);
+    for (const node of r.addedNodes) if (node.textContent.trim()) window.spoken.push(node.textContent);
+  }
+});
+// From when the page is parsed: what the page comes with is read as the page, not announced.
+document.addEventListener("DOMContentLoaded", () =>
+  observer.observe(document, {subtree: true, childList: true, characterData: true}));
+"""
+
+
+def spoken(page):
+    return page.evaluate("window.spoken")
+
+
+def test_only_what_arrives_now_is_announced_and_a_burst_as_a_count(start, new_context):
+    from playwright.sync_api import expect
+    srv = start("--history", "20", "--post-burst", "1000", "--poll-timeout", "20")
+    for n in range(100):
+        srv.post({"nick": "past", "body": f"old {n}"})
+    page = new_context(RECORD_SPOKEN, viewport={"width": 1280, "height": 720}).new_page()
+    polls = hold(page, "**/chat/updates*", is_poll)
+    page.goto(f"http://127.0.0.1:{srv.port}/")
+    # The history, the pages before it, "Loading…" and "The beginning": all the past.
+    for count in (20, 70, 100):
+        expect(page.locator("#messages .message")).to_have_count(count)
+        page.evaluate("document.getElementById('messages').scrollTop = 0")
+    expect(page.locator("#messages .past")).to_have_text("The beginning")
+    # A gap filled from the store: 30 posted while the poll is held, past the 20 the server's memory keeps.
+    dispatched(page, lambda: polls)
+    for n in range(30):
+        srv.post({"nick": "past", "body": f"missed {n}"})
+    polls[0].continue_()
+    expect(page.locator("#messages .message")).to_have_count(130)
+    expect(page.locator("#messages .gap")).to_have_count(0)
+    # A message that arrives now: said once, with its nick.
+    dispatched(page, lambda: len(polls) == 2)
+    polls[1].continue_()
+    srv.post({"nick": "bob", "body": "hello now"})
+    expect(page.locator("#heard")).to_have_text("bob: hello now")
+    # A burst, in one answer: a count.
+    dispatched(page, lambda: len(polls) == 3)
+    for n in range(12):
+        srv.post({"nick": "bob", "body": f"burst {n}"})
+    polls[2].continue_()
+    expect(page.locator("#heard")).to_have_text("12 new messages")
+    assert spoken(page) == ["Live", "bob: hello now", "12 new messages"], spoken(page)
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_the_chat_page_has_no_axe_violations_in_any_state(start, new_context, scheme):
+    from playwright.sync_api import expect
+    srv = start("--poll-timeout", "20")
+    url = f"http://127.0.0.1:{srv.port}/"
+    page = new_context(nicked("alice"), RECORD_SPOKEN, bypass_csp=True, color_scheme=scheme).new_page()
+    page.goto(url)
+    expect(page.locator("#messages .past")).to_have_text("No messages yet. Write the first one below.")
+    assert axe(page) == [], "an empty room"
+    srv.post({"nick": "bob", "body": "hello, see https://example.com/a"})
+    send(page, "hi bob")
+    expect(page.locator("#messages .message")).to_have_count(2)
+    assert axe(page) == [], "messages"
+    other = new_context(nicked("bob"), color_scheme=scheme).new_page()
+    other.goto(url)
+    expect(page.locator("#here")).to_have_text("Here: alice, bob")
+    assert axe(page) == [], "the presence line"
+    assert not any("Here" in text for text in spoken(page))     # who comes and goes is not read out
+    send(page, "bell \x07 character")
+    expect(page.locator("#notice")).to_be_visible()
+    assert axe(page) == [], "a refused post"
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_the_feed_page_flowing_and_paused_by_keyboard_has_no_axe_violations_and_says_nothing(
+        feed_setup, new_context, scheme):
+    from playwright.sync_api import expect
+    srv, feeds = feed_setup
+    srv.wait_for(lambda s: sum(f["entries"] for f in s["feeds"]) == 5)
+    page = new_context(RECORD_SPOKEN, bypass_csp=True, color_scheme=scheme).new_page()
+    page.goto(f"http://{srv.host}:{srv.port}/feed?pace=100")
+    expect(page.locator("#entries .entry")).to_have_count(5)
+    feeds.feed("/a.xml", atom(numbered(1, 4) + HOSTILE_ENTRIES, title="Fixture Atom"))
+    expect(page.locator("#entries .title").first).to_have_text("Entry 4", timeout=10000)
+    expect(page.locator("#feeds")).to_contain_text("HTTP 500")
+    assert axe(page) == [], "flowing"
+    # Paused from the keyboard alone: Tab to the button, Enter; resumed with Space.
+    for _ in range(10):
+        if page.evaluate("document.activeElement.id") == "pace":
+            break
+        page.keyboard.press("Tab")
+    page.keyboard.press("Enter")
+    expect(page.locator("#pace")).to_have_text("Paused")
+    assert axe(page) == [], "paused"
+    page.keyboard.press(" ")
+    expect(page.locator("#pace")).to_have_text("Live")
+    assert spoken(page) == ["Live"], spoken(page)      # the stream itself is never read out
+
+
+# The focused element's ring, and the first opaque background behind it (what the ring is drawn on).
+FOCUS_RING = """() => {
+  const e = document.activeElement, style = getComputedStyle(e);
+  let behind = e.parentElement, bg = "";
+  for (; behind; behind = behind.parentElement) {
+    bg = getComputedStyle(behind).backgroundColor;
+    if (bg !== "rgba(0, 0, 0, 0)" && bg !== "transparent") break;
+  }
+  return {name: e.id || e.tagName + " " + e.textContent.slice(0, 30), style: style.outlineStyle,
+          width: parseFloat(style.outlineWidth), color: style.outlineColor, bg};
+}"""
+
+
+def luminance(css):
+    """WCAG's relative luminance of a CSS rgb() colour: 0 for black, 1 for white."""
+    r, g, b = (int(c) / 255 for c in re.findall(r"\d+", css)[:3])
+    r, g, b = (c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in (r, g, b))
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def contrast(a, b):
+    """WCAG's contrast ratio of two CSS rgb() colours."""
+    light, dark = sorted((luminance(a), luminance(b)), reverse=True)
+    return (light + 0.05) / (dark + 0.05)
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_every_control_shows_a_focus_ring_of_3_to_1_and_dark_mode_is_dark(feed_setup, new_context, scheme):
+    from playwright.sync_api import expect
+    srv, feeds = feed_setup
+    srv.post({"nick": "bob", "body": "a link: https://example.com/a"})
+    context = new_context(color_scheme=scheme)
+    for path, ready, controls in (("/", "#messages .message", {"messages", "nick", "body"}),
+                                  ("/feed?pace=100", "#entries a.title", {"pace"})):
+        page = context.new_page()
+        page.goto(f"http://{srv.host}:{srv.port}{path}")
+        expect(page.locator(ready).first).to_be_visible()
+        for part in ("document.documentElement", "document.querySelector('.bar')"):     # the page and its cards
+            assert (luminance(page.evaluate(f"getComputedStyle({part}).backgroundColor")) < 0.05) == (scheme == "dark")
+        rings = []
+        for _ in range(40):                     # every control, by the keyboard, round to the first again
+            page.keyboard.press("Tab")
+            ring = page.evaluate(FOCUS_RING)
+            if rings and ring["name"] == rings[0]["name"]:
+                break
+            if not ring["name"].startswith("BODY"):     # past the last control, before the first
+                rings.append(ring)
+        assert controls <= {ring["name"] for ring in rings}, rings
+        for ring in rings:
+            assert ring["style"] not in ("none", "auto") and ring["width"] >= 2, ring
+            assert contrast(ring["color"], ring["bg"]) >= 3, ring
+
+
+def test_reduced_motion_stops_the_feeds_slide_and_the_reconnecting_blink(feed_setup, new_context):
+    from playwright.sync_api import expect
+    srv, feeds = feed_setup
+    for motion, slide, blink in (("no-preference", "arrive", "blink"), ("reduce", "none", "none")):
+        page = new_context(reduced_motion=motion).new_page()
+        # The history comes; every poll after it fails, and the page says it is reconnecting.
+        page.route("**/feed/updates*", lambda route: route.abort() if is_poll(route.request.url) else route.continue_())
+        page.goto(f"http://{srv.host}:{srv.port}/feed")
+        expect(page.locator("#entries .entry").first).to_be_visible()
+        assert page.locator("#entries .entry").first.evaluate("e => getComputedStyle(e).animationName") == slide
+        expect(page.locator("#state")).to_have_text("Reconnecting…")
+        assert page.locator("#state").evaluate("e => getComputedStyle(e, '::before').animationName") == blink
+
+
+def test_a_chat_page_back_from_the_back_forward_cache_goes_on(start, browser):
+    from playwright.sync_api import expect
+    srv = start("--poll-timeout", "5")
+    # Playwright's browsers have the cache turned off; this one keeps it, as browsers do.
+    cached = browser.browser_type.launch(executable_path=shutil.which("chromium") or shutil.which("chromium-browser"),
+                                         args=CHROMIUM_ARGS, ignore_default_args=["--disable-back-forward-cache"])
+    try:
+        page = cached.new_page()
+        page.add_init_script("addEventListener('pageshow', event => { window.restored = event.persisted; });")
+        page.goto(f"http://127.0.0.1:{srv.port}/")
+        expect(page.locator("#state")).to_have_text("Live")
+        srv.post({"nick": "bob", "body": "before leaving"})
+        expect(page.locator("#messages .text")).to_have_text(["before leaving"])
+        page.goto(f"http://127.0.0.1:{srv.port}/feed")
+        page.go_back(wait_until="commit")       # a page from the cache is shown again, not loaded
+        page.wait_for_function("window.restored === true", timeout=5000)
+        srv.post({"nick": "bob", "body": "after coming back"})
+        expect(page.locator("#messages .text")).to_have_text(["before leaving", "after coming back"], timeout=20000)
+        expect(page.locator("#state")).to_have_text("Live")
+    finally:
+        cached.close()
+
+
+def test_both_pages_reflow_at_320_px_without_sideways_scrolling(feed_setup, open_page):
+    from playwright.sync_api import expect
+    srv, feeds = feed_setup
+    srv.post({"nick": "a-rather-long-nick-name", "body": "https://example.com/" + "a-very-long-path/" * 8})
+    for path, ready in (("/", "#messages .message"), ("/feed", "#entries .entry")):
+        page = open_page(f"http://{srv.host}:{srv.port}{path}", viewport={"width": 320, "height": 640})
+        expect(page.locator(ready).first).to_be_visible()
+        assert page.evaluate("document.scrollingElement.scrollWidth") <= 320
 
 
 def readme_nginx_block(upstream=False):
@@ -1053,7 +1383,11 @@ class Relay:
             except OSError:
                 return
             alive = self.flowing.is_set()   # a connection made while cut off never flows
-            upstream = socket.create_connection(("127.0.0.1", self.target))
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:                 # the app already stopped, as the test ends: nothing to relay to
+                client.close()
+                continue
             self.socks += [client, upstream]
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self.pump, args=(a, b, alive), daemon=True).start()

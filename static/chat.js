@@ -76,8 +76,42 @@ function mark(text) {
   past.hidden = !text;
 }
 
-function isShown(id) {
-  return messages.querySelector(`.message[data-id="${id}"]`) !== null;
+// The one way into the log, whatever brought the messages (the first load, a
+// poll, another tab's broadcast, scroll-back, a filled gap): an id already
+// shown is skipped, and each goes in id order, so two paths that bring the same
+// message, in either order, show it once and in its place. Returns those added.
+function insert(list) {
+  const added = [];
+  each(list, m => {
+    let next = null;        // the oldest shown message newer than m
+    for (let node = messages.lastElementChild; node && node !== past; node = node.previousElementSibling) {
+      if (!node.classList.contains("message")) continue;    // a gap notice stays where the hole is
+      const id = Number(node.dataset.id);
+      if (id === m.id) return;
+      if (id < m.id) break;
+      next = node;
+    }
+    messages.insertBefore(render(m), next);
+    added.push(m);
+  });
+  return added;
+}
+
+// What arrives now is said once, by a hidden live region: the log is not one,
+// or scroll-back and gap filling would be read out as news. Messages that come
+// within half a second of each other are said as a count.
+const heard = document.getElementById("heard");
+let unsaid = [];
+function announce(list) {
+  if (!list.length) return;
+  if (!unsaid.length) {
+    setTimeout(() => {
+      const [m] = unsaid;
+      heard.replaceChildren(el("p", "", unsaid.length === 1 ? `${m.nick}: ${m.body}` : `${unsaid.length} new messages`));
+      unsaid = [];
+    }, 500);
+  }
+  unsaid.push(...list);
 }
 
 // A page of the chat's past, from the store (it keeps more than the polls serve).
@@ -97,8 +131,7 @@ async function loadOlder() {
   try {
     const page = await pastPage(oldest, PAGE);
     const height = messages.scrollHeight;
-    const first = past.nextElementSibling;
-    each(page.messages.filter(m => !isShown(m.id)), m => messages.insertBefore(render(m), first));
+    insert(page.messages);
     if (page.messages.length) oldest = page.messages[0].id;
     beginning = !page.more;
     messages.scrollTop += messages.scrollHeight - height;
@@ -126,9 +159,7 @@ async function fillGap(notice, after, before) {
       if (page.messages.length) before = page.messages[0].id;
     }
   } catch (err) { /* what could not be fetched is said missed */ }
-  // The notice stays where the hole is: before what the store still had.
-  const place = reached ? notice : notice.nextSibling;
-  each(found.filter(m => !isShown(m.id)), m => messages.insertBefore(render(m), place));
+  insert(found);            // after the notice: it stays where the hole is, above what the store still had
   if (reached) notice.remove();
   else notice.textContent = MISSED;
 }
@@ -140,7 +171,8 @@ longPoll("/chat/updates", "messages", (batch, gap, first) => {
     messages.append(notice);
     fillGap(notice, newest, batch.length ? batch[0].id : null);
   }
-  each(batch, m => messages.append(render(m)));
+  const added = insert(batch);
+  if (!first && !gap) announce(added);      // the history, and catching up after a gap, are the past
   if (batch.length) {
     newest = batch[batch.length - 1].id;
     if (oldest === null) {

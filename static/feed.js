@@ -37,7 +37,7 @@ function render(e) {
     title.target = "_blank";
     title.rel = "noopener noreferrer";
   }
-  const heading = el("h3");
+  const heading = el("h2");   // the level below the page's <h1>: heading levels never skip one
   heading.append(title);
   item.append(meta, heading);
   if (e.summary) item.append(el("p", "summary", e.summary));

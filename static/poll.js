@@ -34,7 +34,7 @@ function longPoll(url, key, onBatch, extra = () => ({})) {
 
   function setState(name, text) {
     state.dataset.state = name;
-    state.textContent = text;
+    if (state.textContent !== text) state.textContent = text;   // a live region: each poll must not say "Live" again
   }
 
   // One request. With `wait`, it sends our cursor, and the server holds it

@@ -1,5 +1,6 @@
 % rebase('base.tpl', title=title, page='feed', poll_timeout=poll_timeout)
 <main class="feed">
+  <h1 class="visually-hidden">Feed stream</h1>
   <section id="stream" class="stream" aria-label="Live entries">
     <div class="queue">
       <button id="pace" class="pace" type="button" data-paused="false" title="Pause or resume the stream">Live</button>
