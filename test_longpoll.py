@@ -30,6 +30,7 @@ import eventlet.wsgi
 import pytest
 from hypothesis import given, settings as hypothesis_settings, strategies as st
 
+import flags
 import storage
 from conftest import FeedServer, Hub, RedisServer, Server, atom, free_port, hubbed, loopback, numbered, rss
 
@@ -369,7 +370,7 @@ def test_bottle_request_and_response_are_per_green_thread():
 def test_requests_leave_no_garbage_cycles(monkeypatch):
     # Each closed connection, refused request or rendered page used to leave a
     # cycle, freed only by a full collection over every parked client's objects.
-    monkeypatch.setattr(longpoll, "settings", longpoll.parse_args(["--poll-timeout", "0.05", "--post-burst", "1000"]))
+    monkeypatch.setattr(longpoll, "settings", flags.parse_args(["--poll-timeout", "0.05", "--post-burst", "1000"]))
     monkeypatch.setattr(longpoll.settings, "loopback_only", True, raising=False)
     store = storage.Store(":memory:", 10)
     monkeypatch.setattr(longpoll, "store", store)
@@ -773,11 +774,11 @@ def test_bad_flags_are_refused_clearly():
 
 @pytest.fixture
 def feeds(monkeypatch):
-    monkeypatch.setattr(longpoll, "settings", longpoll.parse_args(
-        ["--feed-interval", "60", "--fetch-timeout", "2", "--history", str(longpoll.MAX_HISTORY)]))
-    store = storage.Store(":memory:", longpoll.MAX_HISTORY)          # this test's own streams
+    monkeypatch.setattr(longpoll, "settings", flags.parse_args(
+        ["--feed-interval", "60", "--fetch-timeout", "2", "--history", str(flags.MAX_HISTORY)]))
+    store = storage.Store(":memory:", flags.MAX_HISTORY)          # this test's own streams
     monkeypatch.setattr(longpoll, "store", store)
-    monkeypatch.setattr(longpoll, "streams", longpoll.open_streams(store, longpoll.MAX_HISTORY))
+    monkeypatch.setattr(longpoll, "streams", longpoll.open_streams(store, flags.MAX_HISTORY))
     srv = FeedServer()
     yield srv
     srv.close()
@@ -986,7 +987,7 @@ def test_the_proxy_waits_longer_than_the_default_poll():
     text = (HERE / "docs" / "running.md").read_text(encoding="utf-8")
     blocks = re.findall(r"```nginx\n(.*?)```", text, re.S)
     assert len(blocks) == 2
-    default = longpoll.parse_args([]).poll_timeout
+    default = flags.parse_args([]).poll_timeout
     for block in blocks:
         # nginx's own default is 60 s, if a block leaves the line out.
         seconds = [int(n) for n in re.findall(r"^\s*proxy_read_timeout\s+(\d+)s?;", block, re.M)] or [60]
@@ -1072,12 +1073,12 @@ def test_parsing_a_big_feed_does_not_stall_the_hub(feeds):
 
 def test_feed_lists_from_text_and_opml():
     text = "# my feeds\nhttp://a.example/feed  # news\n\n  https://b.example/rss\n"
-    assert longpoll.read_feed_list(text) == ["http://a.example/feed", "https://b.example/rss"]
+    assert flags.read_feed_list(text) == ["http://a.example/feed", "https://b.example/rss"]
     opml = ("<?xml version='1.0'?><opml version='2.0'><body><outline text='Tech'>"
             "<outline type='rss' text='A' xmlUrl='http://a.example/feed'/>"
             "<outline type='rss' text='B' xmlUrl='https://b.example/rss'/></outline></body></opml>")
-    assert longpoll.read_feed_list(opml) == ["http://a.example/feed", "https://b.example/rss"]
-    assert longpoll.parse_args([]).feed == longpoll.DEFAULT_FEEDS
+    assert flags.read_feed_list(opml) == ["http://a.example/feed", "https://b.example/rss"]
+    assert flags.parse_args([]).feed == flags.DEFAULT_FEEDS
 
 
 def test_feed_stream_end_to_end_while_another_feed_hangs(feeds, start, tmp_path):
@@ -3018,7 +3019,7 @@ def test_every_process_pages_back_through_what_redis_keeps(cluster, redis_server
 def in_process(monkeypatch):
     """The app's routes called in this process, on a store of their own; ask(path) answers
     a GET as the route's handler returns it, or raises the HTTPError it fails with."""
-    monkeypatch.setattr(longpoll, "settings", longpoll.parse_args(["--presence-grace", "30"]))
+    monkeypatch.setattr(longpoll, "settings", flags.parse_args(["--presence-grace", "30"]))
     store = storage.Store(":memory:", 200)
     monkeypatch.setattr(longpoll, "store", store)
     monkeypatch.setattr(longpoll, "reading_past", longpoll.TokenBucket())
