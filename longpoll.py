@@ -28,13 +28,11 @@ import base64
 import collections
 import contextlib
 import contextvars
-import email.utils
 import fcntl
 import functools
 import gc
 import hashlib
 import hmac
-import html.parser
 import http.client
 import ipaddress
 import itertools
@@ -54,16 +52,15 @@ import unicodedata
 import urllib.error
 import urllib.parse
 import urllib.request
-import zlib
 from pathlib import Path
 
 import bottle
 import eventlet.hubs
 import eventlet.tpool
 import eventlet.wsgi
-import feedparser
 import httptools
 
+import feedtext
 import flags
 import metrics
 import sharing
@@ -112,11 +109,9 @@ LEAVE_BURST = 20                # and at once: an office's browsers closing toge
 MAX_MESSAGE_CHARS = 2000
 MAX_NICK_CHARS = 32
 MAX_CLIENT_ID_CHARS = 64
-MAX_FEED_BYTES = 5 * 1024 * 1024  # per fetch, after decompression
 FIRST_FETCH_ENTRIES = 5         # a feed's first fetch publishes only its newest few
 MAX_NEW_PER_FETCH = 30          # a feed that renews every id at once is a bounded burst
 SEEN_PER_FEED = 1000            # dedupe memory per feed, beyond the current fetch
-SUMMARY_CHARS = 400
 FETCH_CONCURRENCY = 20          # fetches in flight at once, whatever the number of feeds
 MAX_BACKOFF = 3600              # seconds between tries of a failing feed, at most
 LEASE_ASKED = 10 * 86400        # seconds of WebSub lease asked of a hub; the hub grants what it will
@@ -888,14 +883,6 @@ def leave():
 # -- The feed poller ----------------------------------------------------------
 
 
-class FetchError(Exception):
-    """A feed could not be fetched or read; the message is shown to users."""
-
-    def __init__(self, message, retry_after=0):
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
 class Feed:
     """One feed: what we know of it, and the green thread that checks it on its schedule."""
 
@@ -983,7 +970,7 @@ class Feed:
                 body, headers = fetched
                 # feedparser is pure Python and slow; in the hub it would freeze
                 # every connection, so it runs in eventlet's pool of OS threads.
-                title, entries, links = eventlet.tpool.execute(parse_feed, body, {
+                title, entries, links = eventlet.tpool.execute(feedtext.parse_feed, body, {
                     "content-type": headers.get("Content-Type", ""), "content-location": self.url})
                 self.hub, self.topic = discover(headers.get_all("Link") or [], links, self.url)
                 # Validators only from a body that parsed: else a 304 would hide the error.
@@ -993,7 +980,7 @@ class Feed:
         except Exception as e:              # whatever goes wrong, the feed's thread lives on
             self.ok, self.failures = False, self.failures + 1
             self.error = (f"cannot store entries: {e}" if isinstance(e, storage.StoreError)
-                          else str(e) if isinstance(e, FetchError) else f"{type(e).__name__}: {e}")
+                          else str(e) if isinstance(e, feedtext.FetchError) else f"{type(e).__name__}: {e}")
             # The exponent is capped: 2.0 ** 1024 overflows, which would end this thread.
             backoff = min(interval * 2 ** min(self.failures, 20), max(interval, MAX_BACKOFF))
             return max(backoff, getattr(e, "retry_after", 0))
@@ -1011,20 +998,20 @@ class Feed:
         # urlopen's timeout is per socket operation; the Timeout bounds the whole
         # fetch, so a server that drips a byte a second is cut off too.
         with eventlet.Timeout(settings.fetch_timeout,
-                              FetchError(f"no complete answer within {settings.fetch_timeout:g} s")):
+                              feedtext.FetchError(f"no complete answer within {settings.fetch_timeout:g} s")):
             try:
                 with urllib.request.urlopen(request, timeout=settings.fetch_timeout) as response:
-                    body = response.read(MAX_FEED_BYTES + 1)
+                    body = response.read(feedtext.MAX_FEED_BYTES + 1)
                     headers = response.headers
             except urllib.error.HTTPError as e:
                 if e.code == 304:
                     return None
-                raise FetchError(f"HTTP {e.code} {e.reason}",
-                                 retry_after=retry_after(e.headers.get("Retry-After"))) from None
+                raise feedtext.FetchError(f"HTTP {e.code} {e.reason}",
+                                          retry_after=feedtext.retry_after(e.headers.get("Retry-After"))) from None
             except urllib.error.URLError as e:
                 reason = getattr(e.reason, "strerror", None) or e.reason
-                raise FetchError(f"cannot fetch: {reason}") from None
-        return decompress(body, headers.get("Content-Encoding", "")), headers
+                raise feedtext.FetchError(f"cannot fetch: {reason}") from None
+        return feedtext.decompress(body, headers.get("Content-Encoding", "")), headers
 
     def take_in(self, title, entries, etag, modified):
         """Publish what is new in entries, fetched or pushed. A fetch and a push (or
@@ -1064,90 +1051,6 @@ class Feed:
             title, etag, modified, state["entries"], seen, saved)
 
 
-def retry_after(value):
-    """Seconds a Retry-After header asks for (a number or an HTTP date), or 0."""
-    if not value:
-        return 0
-    if value.strip().isdigit():
-        return min(int(value), 86400)
-    try:
-        when = email.utils.parsedate_to_datetime(value).timestamp()
-    except (TypeError, ValueError):
-        return 0
-    return min(max(0, when - time.time()), 86400)
-
-
-def decompress(body, encoding):
-    """The body, decompressed when the server compressed it, refusing bombs."""
-    if len(body) > MAX_FEED_BYTES:
-        raise FetchError(f"feed is larger than {MAX_FEED_BYTES // 2**20} MB")
-    if encoding.strip().lower() in ("gzip", "x-gzip", "deflate"):
-        inflater = zlib.decompressobj(zlib.MAX_WBITS | 32)   # gzip or zlib framing
-        try:
-            body = inflater.decompress(body, MAX_FEED_BYTES + 1)
-        except zlib.error as e:
-            raise FetchError(f"cannot decompress the feed: {e}") from None
-        if len(body) > MAX_FEED_BYTES:
-            raise FetchError(f"feed is larger than {MAX_FEED_BYTES // 2**20} MB uncompressed")
-    return body
-
-
-class TextOnly(html.parser.HTMLParser):
-    """Plain text from HTML: tags dropped, entities decoded, scripts and styles skipped."""
-
-    def __init__(self):
-        super().__init__(convert_charrefs=True)
-        self.parts, self.skip = [], 0
-
-    def handle_starttag(self, tag, attrs):
-        self.skip += tag in ("script", "style")
-
-    def handle_endtag(self, tag):
-        self.skip -= tag in ("script", "style") and self.skip > 0
-
-    def handle_data(self, data):
-        if not self.skip:
-            self.parts.append(data)
-
-
-def plain_text(markup, limit=None):
-    parser = TextOnly()
-    parser.feed(markup or "")
-    parser.close()
-    text = " ".join("".join(parser.parts).split())
-    if limit and len(text) > limit:
-        text = text[:limit].rsplit(" ", 1)[0] + "…"
-    return text
-
-
-def safe_link(url):
-    url = (url or "").strip()
-    return url if urllib.parse.urlsplit(url).scheme.lower() in ("http", "https") else ""
-
-
-def parse_feed(body, headers):
-    """(feed title, entries as plain dicts, the feed's (rel, href) links for WebSub);
-    runs in an OS thread, so it touches nothing shared."""
-    parsed = feedparser.parse(body, response_headers=headers)
-    if not parsed.entries and (parsed.bozo or not parsed.version):
-        raise FetchError(f"not a feed: {parsed.get('bozo_exception') or 'no Atom or RSS found'}")
-    entries = []
-    for e in parsed.entries:
-        when = e.get("published_parsed") or e.get("updated_parsed")
-        published = time.strftime("%Y-%m-%dT%H:%M:%SZ", when) if when else None
-        title = plain_text(e.get("title"))
-        link = safe_link(e.get("link"))
-        entries.append({
-            "key": e.get("id") or link or f"{title}|{published}",
-            "title": title,
-            "link": link,
-            "summary": plain_text(e.get("summary"), SUMMARY_CHARS),
-            "published": published,
-        })
-    links = [(link.get("rel"), link.get("href")) for link in parsed.feed.get("links", ())]
-    return plain_text(parsed.feed.get("title")), entries, links
-
-
 feeds = []      # main() fills it from the command line
 
 
@@ -1168,7 +1071,7 @@ def discover(link_headers, links, url):
                 found.setdefault(name, urllib.parse.urljoin(url, target.strip()))
     for name, href in links:
         found.setdefault(name, href)
-    return safe_link(found.get("hub")) or None, safe_link(found.get("self")) or url
+    return feedtext.safe_link(found.get("hub")) or None, feedtext.safe_link(found.get("self")) or url
 
 
 def hub_of(feed):
@@ -1216,16 +1119,17 @@ def ask_hub(url, sub):
         headers["Authorization"] = "Basic " + base64.b64encode(user_pass.encode()).decode()
     request = urllib.request.Request(sub["hub"], data=urllib.parse.urlencode(form).encode(), headers=headers)
     try:
-        with eventlet.Timeout(settings.fetch_timeout, FetchError(f"no answer within {settings.fetch_timeout:g} s")):
+        with eventlet.Timeout(settings.fetch_timeout,
+                              feedtext.FetchError(f"no answer within {settings.fetch_timeout:g} s")):
             try:
                 with urllib.request.urlopen(request, timeout=settings.fetch_timeout):
                     return sub
             except urllib.error.HTTPError as e:
-                reason = plain_text(e.read(1000).decode("utf-8", "replace"), 200)
-                raise FetchError(f"HTTP {e.code} {e.reason}: {reason}") from None
+                reason = feedtext.plain_text(e.read(1000).decode("utf-8", "replace"), 200)
+                raise feedtext.FetchError(f"HTTP {e.code} {e.reason}: {reason}") from None
             except urllib.error.URLError as e:
-                raise FetchError(f"cannot reach it: {getattr(e.reason, 'strerror', None) or e.reason}") from None
-    except FetchError as e:
+                raise feedtext.FetchError(f"cannot reach it: {getattr(e.reason, 'strerror', None) or e.reason}") from None
+    except feedtext.FetchError as e:
         sub = store.subscriptions().get(url, sub)
         sub = {**sub, "why": f"the hub refused the subscription: {e}"}
         if sub["state"] == "requested":
@@ -1309,7 +1213,7 @@ def hub_verifies(token):
     no_store()
     if mode == "denied":
         store.subscribe(feed.url, {**sub, "state": "denied", "expires": None,
-                                   "why": "the hub denied the subscription: " + (plain_text(reason, 200) or "no reason given")})
+                                   "why": "the hub denied the subscription: " + (feedtext.plain_text(reason, 200) or "no reason given")})
         store.release(feed.url)     # whichever process holds the feed: it is polled again now, here
         wake(feed, "denied")
         return ""
@@ -1337,7 +1241,7 @@ def hub_pushes(token):
     """A new version of the feed, from its hub: published once, however it also arrives."""
     feed, sub = subscription(token)
     req = bottle.request
-    raw = read_body(MAX_FEED_BYTES)
+    raw = read_body(feedtext.MAX_FEED_BYTES)
     method, _, signature = req.get_header("X-Hub-Signature", "").partition("=")
     if method not in ("sha1", "sha256", "sha384", "sha512") or not hmac.compare_digest(
             hmac.new(sub["secret"].encode(), raw, method).hexdigest(), signature.strip().lower()):
@@ -1348,7 +1252,7 @@ def hub_pushes(token):
     # Hubs copy the topic's Content-Encoding beside a body they already decoded.
     encoding = req.get_header("Content-Encoding", "") if raw[:2] == b"\x1f\x8b" else ""
     try:
-        title, entries, _ = eventlet.tpool.execute(parse_feed, decompress(raw, encoding), {
+        title, entries, _ = eventlet.tpool.execute(feedtext.parse_feed, feedtext.decompress(raw, encoding), {
             "content-type": req.get_header("Content-Type", ""), "content-location": feed.url})
     except Exception as e:          # signed, so the hub's doing: said in the log, and not retried
         print(f"longpoll: a push for {feed.url} was not a feed: {e}", file=sys.stderr, flush=True)
@@ -1642,7 +1546,7 @@ class Protocol(eventlet.wsgi.HttpProtocol):
         elif len(lengths) > 1 or not all(re.fullmatch(r"[0-9]{1,18}", n) for n in lengths):
             self.send_error(400, "Content-Length must be given once, as a number of bytes")
         elif lengths and int(lengths[0]) > DISCARD_FACTOR * (
-                MAX_FEED_BYTES if self.path.startswith("/websub/") else MAX_BODY_BYTES):
+                feedtext.MAX_FEED_BYTES if self.path.startswith("/websub/") else MAX_BODY_BYTES):
             # Too big even to read and drop for its 413 (read_body()): refused, and cut unread.
             self.send_error(413, "request body is far over the limit")
         else:

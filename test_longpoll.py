@@ -30,6 +30,7 @@ import eventlet.wsgi
 import pytest
 from hypothesis import given, settings as hypothesis_settings, strategies as st
 
+import feedtext
 import flags
 import storage
 from conftest import FeedServer, Hub, RedisServer, Server, atom, free_port, hubbed, loopback, numbered, rss
@@ -899,7 +900,7 @@ def test_garbage_is_an_error(feeds, body):
 
 
 def test_oversized_body_is_refused(feeds):
-    big = atom(numbered(1, 1)) + b" " * (longpoll.MAX_FEED_BYTES + 10)
+    big = atom(numbered(1, 1)) + b" " * (feedtext.MAX_FEED_BYTES + 10)
     f = longpoll.Feed(feeds.feed("/big", big))
     assert published_by(f.check)[1] == [] and "larger than 5 MB" in f.error
 
@@ -924,7 +925,7 @@ def test_a_compression_bomb_is_never_inflated_whole(feeds):
         tracemalloc.stop()
     assert "uncompressed" in f.error
     # Inflating stops one byte past the limit: about 5 MB, never the 100 MB.
-    assert peak < 3 * longpoll.MAX_FEED_BYTES, f"peak {peak / 2**20:.0f} MiB"
+    assert peak < 3 * feedtext.MAX_FEED_BYTES, f"peak {peak / 2**20:.0f} MiB"
 
 
 def test_no_more_than_the_fetch_limit_are_in_flight_at_once(feeds):
@@ -2677,7 +2678,7 @@ def test_the_hub_and_topic_come_from_link_headers_first_then_the_feeds_own_links
     rss_doc = (b"<?xml version='1.0'?><rss version='2.0' xmlns:atom='http://www.w3.org/2005/Atom'><channel>"
                b"<title>t</title><atom:link rel='hub' href='http://hub.example/'/>"
                b"<atom:link rel='self' href='http://site.example/rss'/><item><guid>a</guid></item></channel></rss>")
-    _, _, links = longpoll.parse_feed(rss_doc, {"content-location": "http://fetched.example/f"})
+    _, _, links = feedtext.parse_feed(rss_doc, {"content-location": "http://fetched.example/f"})
     assert longpoll.discover([], links, "http://fetched.example/f") == ("http://hub.example/", "http://site.example/rss")
     headers = ['<https://push.example/hub>; rel="hub", </canonical>; rel="self"']
     assert longpoll.discover(headers, links, "http://fetched.example/f") == (
@@ -2787,7 +2788,7 @@ def test_an_oversized_push_is_refused_and_a_gzip_labelled_plain_body_is_read(sta
     hub.wait(lambda h: h.subs)
     srv.wait_for(lambda s: s["streams"]["feed"]["last_id"])
     cursor = srv.cursor("feed")
-    huge = hubbed(numbered(1, 3), hub.url).replace(b"</feed>", b" " * longpoll.MAX_FEED_BYTES + b"</feed>")
+    huge = hubbed(numbered(1, 3), hub.url).replace(b"</feed>", b" " * feedtext.MAX_FEED_BYTES + b"</feed>")
     try:
         assert hub.push(topic, huge) == 413
     except (BrokenPipeError, ConnectionResetError):
