@@ -26,15 +26,10 @@ eventlet.monkey_patch()
 
 import base64
 import collections
-import contextlib
-import contextvars
-import fcntl
 import functools
 import gc
 import hashlib
 import hmac
-import http.client
-import ipaddress
 import itertools
 import json
 import math
@@ -43,12 +38,8 @@ import re
 import resource
 import secrets
 import signal
-import socket
-import struct
 import sys
-import termios
 import time
-import unicodedata
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -58,51 +49,26 @@ import bottle
 import eventlet.hubs
 import eventlet.tpool
 import eventlet.wsgi
-import httptools
 
+import checks
 import feedtext
 import flags
+import frontdoor
 import metrics
 import sharing
 import storage
 
 
-def green_local(name):
-    """A property whose value is the current green thread's own."""
-    # Every greenlet has a contextvars context of its own: read in C. (eventlet's
-    # patched threading.local goes through a weak-key dictionary: about 1 us a
-    # read, dozens a request, and a dictionary per local kept by each parked poll.)
-    var = contextvars.ContextVar(name)
-    return property(lambda _: var.get(), lambda _, value: var.set(value))
-
-
-# Bottle keeps the request and response being handled in threading.locals, and
-# eventlet.wsgi one flag. All green threads share one OS thread: were these per
-# OS thread, a woken poll would answer with whichever request arrived last.
-bottle.LocalRequest.environ = green_local("bottle.request.environ")
-for _name in ("_status_line", "_status_code", "_cookies", "_headers", "body"):
-    setattr(bottle.LocalResponse, _name, green_local(f"bottle.response.{_name}"))
-
-
-class WsgiLocal:
-    already_handled = green_local("eventlet.wsgi.already_handled")
-
-
-eventlet.wsgi.WSGI_LOCAL = WsgiLocal()
-
 HERE = Path(__file__).resolve().parent
 
 # -- Configuration ------------------------------------------------------------
 
-MAX_BODY_BYTES = 64 * 1024      # a POST larger than this is refused with 413
-DISCARD_FACTOR = 4              # a body over its limit is read and dropped up to this many times it; more is cut unread
 MAX_ANSWER_BYTES = 256 * 1024   # of history in one answer; a client catching up asks again for the rest
 MAX_PAGE = 200                  # messages in one page of the chat's past (GET /chat/messages), at most
 PAST_RATE = 5.0                 # pages of the chat's past one address may ask a second, over time
 PAST_BURST = 60                 # and at once: a page that fills a long gap asks dozens in a row
 PRESENCE_TICK = 0.5             # who is here is worked out this often: a wave of joins is a few snapshots
 LEAVE_DELAY = 1.5               # a browser that said it left is gone after this, unless it polls again (a reload)
-MAX_HEADERS = 100               # header lines in a request, at most (as http.server)
 MAX_HERE = 100                  # nicks listed in a presence snapshot, at most
 LEAVE_RATE = 2.0                # leaves one address may send a second, over time
 LEAVE_BURST = 20                # and at once: an office's browsers closing together
@@ -373,238 +339,10 @@ def open_streams(store, history):
 
 app = bottle.Bottle()
 app.merge(metrics.app)      # GET /metrics
-
-# -- HTTP helpers -------------------------------------------------------------
-
-
-def fail(status, message, **headers):
-    """Stop the request with a JSON error; nothing has been changed."""
-    raise bottle.HTTPError(status, message, **headers)
-
-
-def error_body(err):
-    # A browser that asked for a page gets a short page; everyone else JSON.
-    # Never a traceback: err.traceback stays on the server's stderr.
-    message = err.body if err.status_code != 500 else "internal server error"
-    # Its traceback holds the frame that holds the error: a cycle per refused
-    # request, otherwise freed only by a full garbage collection.
-    err.__traceback__ = None
-    metrics.error(err.status_code)
-    no_store()      # an error is about this request only: a cache must not replay it
-    if "text/html" in bottle.request.get_header("Accept", ""):
-        bottle.response.content_type = "text/html; charset=utf-8"
-        status, message = bottle.html_escape(err.status), bottle.html_escape(message)
-        return f"<!doctype html><title>{status}</title><h1>{status}</h1><p>{message}</p><a href='/'>Chat</a>"
-    bottle.response.content_type = "application/json"
-    return json.dumps({"error": message})
-
-
-app.default_error_handler = error_body      # for every error status, ours and Bottle's
-
-
-def no_store():
-    bottle.response.set_header("Cache-Control", "no-store")
-    bottle.response.set_header("X-Accel-Buffering", "no")   # a proxy must pass each answer on at once
-
-
-@app.hook("before_request")
-def front_door():
-    environ = bottle.request.environ    # read once: each bottle.request.x is a green-thread-local lookup
-    # A request without a body has been read whole: --client-timeout is over
-    # for it (a parked poll is not a slow request). json_body() ends it for the others.
-    if int(environ.get("CONTENT_LENGTH") or 0) == 0:
-        environ["longpoll.request_read"]()
-    elif environ["REQUEST_METHOD"] in ("GET", "HEAD"):
-        # A body means nothing on a GET, yet while unread the request is not
-        # over: read and dropped now, so that a poll does not park with its deadline on.
-        read_body(MAX_BODY_BYTES)
-    # DNS rebinding: a page of evil.example whose name then resolves to 127.0.0.1
-    # is, to the browser, same-origin with a server listening on loopback. Its
-    # requests still name evil.example in Host, which a loopback server refuses.
-    host = host_name(environ.get("HTTP_HOST", "localhost"))
-    if settings.loopback_only and not (host in settings.allow_host or is_loopback(host)):
-        fail(400, f"this server answers only for localhost; start it with --allow-host {host} to serve that name")
-
-
-@functools.lru_cache(maxsize=256)       # a few names, asked on every request
-def host_name(host_header):
-    if "@" in host_header:
-        return ""       # userinfo is no part of a Host: "evil@localhost" names no loopback host
-    try:
-        return urllib.parse.urlsplit("//" + host_header).hostname or ""
-    except ValueError:
-        return ""       # one urlsplit cannot read ("[::1" unclosed) names nothing: a 400, not a 500
-
-
-@app.hook("after_request")
-def safe_headers():
-    for name, value in SAFE_HEADERS:
-        bottle.response.set_header(name, value)
-
-
-# On every answer: nothing is sniffed into another type, and pages this app
-# links to are not told which of its pages (or polls) a reader was on.
-SAFE_HEADERS = [("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "same-origin")]
-
-
-def is_loopback(host):
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def parse_cursor(name="cursor"):
-    text = bottle.request.query.get(name)
-    if text is None:
-        return None
-    if not re.fullmatch(r"[0-9]{1,18}", text):
-        fail(400, f"{name} must be a non-negative integer")
-    return int(text)
-
-
-parked_by_address = collections.Counter()     # client address -> polls it has parked now
-parked_total = 0            # polls parked now, from every address
-poll_places = math.inf      # main(): polls that may park at once, below eventlet's pool of connections
-
-
-def updates(stream, cursor):
-    with parked():
-        items, cursor, gap = stream.wait(cursor, settings.poll_timeout)
-    metrics.answered(stream.key, gap)
-    no_store()
-    bottle.response.content_type = "application/json"
-    return stream.answer(items, cursor, gap)
-
-
-@contextlib.contextmanager
-def parked():
-    """Count a poll parked from the client's address while it waits."""
-    global parked_total
-    # One address may not hold every connection (and the memory they cost).
-    address = client_address()
-    if parked_by_address[address] >= settings.polls_per_address:
-        fail(429, "too many polls from your address; try again later", Retry_After="5")
-    if parked_total >= poll_places:
-        # Polls may not take the pool's last places: with every one parked,
-        # eventlet accepts nobody, and the post that would answer them cannot get in.
-        bottle.request.environ["longpoll.close"] = True    # its place back to the pool, not held idle
-        fail(503, "the server is full; try again later", Retry_After="5", Connection="close")
-    parked_by_address[address] += 1
-    parked_total += 1
-    try:
-        yield
-    finally:
-        parked_total -= 1
-        parked_by_address[address] -= 1
-        if not parked_by_address[address]:
-            del parked_by_address[address]     # else the table keeps every address ever seen
-
-
-def from_trusted_proxy():
-    return bottle.request.environ.get("REMOTE_ADDR", "") in settings.trusted_proxy
-
-
-def client_address():
-    """The client's address as limits count it: a trusted proxy's X-Forwarded-For is
-    believed, nobody else's."""
-    environ = bottle.request.environ
-    addr = environ.get("REMOTE_ADDR", "")
-    if addr not in settings.trusted_proxy:
-        # Worked out once for the connection (Protocol.handle()): with more
-        # clients than address_key() caches, it would be made afresh on every request.
-        return environ.get("longpoll.address") or address_key(addr)
-    hops = [h.strip() for h in environ.get("HTTP_X_FORWARDED_FOR", "").split(",")]
-    # The rightmost hop no trusted proxy added.
-    addr = next((h for h in reversed(hops) if h and h not in settings.trusted_proxy), addr)
-    return address_key(addr)
-
-
-@functools.lru_cache(maxsize=4096)     # ipaddress objects are costly to make on every request
-def address_key(addr):
-    """An address as limits count it: an IPv6 client is its /64, since one host owns all of it."""
-    try:
-        ip = ipaddress.ip_address(addr)
-    except ValueError:
-        return addr
-    if ip.version == 6:
-        return str(ip.ipv4_mapped or ipaddress.ip_network((ip, 64), strict=False))
-    return str(ip)
-
-
-def same_origin(origin):
-    """Whether a browser's Origin is the site it is on: the Host it asked for, or,
-    behind a trusted proxy, the X-Forwarded-Host and -Proto that proxy saw."""
-    req = bottle.request
-    host, scheme = req.get_header("Host", ""), None
-    if from_trusted_proxy():
-        host = req.get_header("X-Forwarded-Host", host).split(",")[0].strip()
-        scheme = req.get_header("X-Forwarded-Proto", "").split(",")[0].strip().lower() or None
-    try:
-        parts = urllib.parse.urlsplit(origin)
-    except ValueError:
-        return False    # an Origin urlsplit cannot read ("http://[::1") is no site's: a 403, not a 500
-    default_port = {"http": ":80", "https": ":443"}.get(parts.scheme, "")
-    # Browsers leave a default port out of Origin; some clients put it in Host.
-    return (parts.netloc.lower().removesuffix(default_port) == host.lower().removesuffix(default_port)
-            and scheme in (None, parts.scheme))
-
-
-def json_body():
-    """The request's JSON object, or a 4xx that says what was wrong with it."""
-    req = bottle.request
-    origin = req.get_header("Origin")
-    if origin is not None and not same_origin(origin):
-        fail(403, "cross-origin requests are not accepted")
-    if req.content_type.split(";")[0].strip().lower() != "application/json":
-        fail(415, "Content-Type must be application/json")
-    try:
-        data = json.loads(read_body(MAX_BODY_BYTES))
-    except (ValueError, RecursionError):
-        fail(400, "request body is not valid JSON")
-    if not isinstance(data, dict):
-        fail(400, "request body must be a JSON object")
-    return data
-
-
-def read_body(limit):
-    """The request's body, of at most limit bytes, or a 4xx."""
-    req = bottle.request
-    body = req.environ["wsgi.input"]
-    try:
-        if req.content_length > limit:
-            # A client sends its whole body before it reads the answer (a hub
-            # does): closed on, it hears a reset, not its 413. So the body is
-            # read and dropped, as nginx's lingering close does, within the
-            # request's deadline (the front door cut those too big even for that).
-            while body.read(64 * 1024):
-                pass
-            fail(413, f"request body is over {limit // 1024} KB")
-        # The front door refused chunked bodies, so Content-Length is exact.
-        raw = body.read(max(0, req.content_length))
-    except SlowRequest:
-        fail(408, f"the request body took longer than {settings.client_timeout:g} s", Connection="close")
-    req.environ["longpoll.request_read"]()
-    return raw
-
-
-def text_field(data, name, limit, allowed="", required=False, refused=()):
-    value = data.get(name, "")
-    if not isinstance(value, str):
-        fail(400, f"{name} must be a string")
-    value = value.strip()
-    if required and not value:
-        fail(400, f"{name} must not be empty")
-    if len(value) > limit:
-        fail(400, f"{name} is longer than {limit} characters")
-    if any(unicodedata.category(c) in ("Cc", "Cs") and c not in allowed for c in value):
-        fail(400, f"{name} contains control characters")
-    if any(c in refused for c in value):
-        fail(400, f"{name} contains bidirectional-text controls")
-    return value
-
+app.default_error_handler = checks.error_body      # for every error status, ours and Bottle's
+app.add_hook("before_request", lambda: checks.request_begins(settings))
+app.add_hook("after_request", checks.safe_headers)
+parking = checks.Parking()  # polls parked now, per address; main() sets how many may park
 
 # -- The chat -----------------------------------------------------------------
 
@@ -639,23 +377,23 @@ store = None        # main() opens the --db, or --redis
 @app.post("/chat/messages")
 @metrics.timed_post
 def post_message():
-    data = json_body()
+    data = checks.json_body(settings)
     bottle.response.content_type = "application/json"   # for the message's own JSON, in UTF-8
-    body = text_field(data, "body", MAX_MESSAGE_CHARS, allowed="\n\t", required=True)
-    nick = text_field(data, "nick", MAX_NICK_CHARS, refused=BIDI_CONTROLS) or "anonymous"
-    client_id = text_field(data, "client_id", MAX_CLIENT_ID_CHARS)
+    body = checks.text_field(data, "body", MAX_MESSAGE_CHARS, allowed="\n\t", required=True)
+    nick = checks.text_field(data, "nick", MAX_NICK_CHARS, refused=BIDI_CONTROLS) or "anonymous"
+    client_id = checks.text_field(data, "client_id", MAX_CLIENT_ID_CHARS)
     try:
         message = {"nick": nick, "body": body, "time": time.time()}
         original = client_id and store.posted(client_id, streams["chat"].key, message)
         if original:
             return json_bytes(original)         # a retry whose first answer was lost
-        wait = posting.take(client_address(), settings.post_rate, settings.post_burst)
+        wait = posting.take(checks.client_address(settings), settings.post_rate, settings.post_burst)
         if wait:
             wait = math.ceil(wait)
-            fail(429, f"too many messages; try again in {wait} s", Retry_After=str(wait))
+            checks.fail(429, f"too many messages; try again in {wait} s", Retry_After=str(wait))
         [message], new = streams["chat"].publish(message, client_id=client_id)
     except storage.StoreError:
-        fail(503, "the server cannot store messages right now; try again shortly", Retry_After="10")
+        checks.fail(503, "the server cannot store messages right now; try again shortly", Retry_After="10")
     # 200 for a copy that raced its original (to another process, say): posted once.
     bottle.response.status = 201 if new else 200
     return json_bytes(message)
@@ -665,17 +403,17 @@ def post_message():
 def past_messages():
     """The chat's past, a page at a time and newest first, from the store, which
     keeps --keep messages where memory keeps --history for the polls."""
-    before = parse_cursor("before")
+    before = checks.parse_cursor("before")
     limit = bottle.request.query.get("limit", "50")
     if not (re.fullmatch(r"[0-9]{1,3}", limit) and 1 <= int(limit) <= MAX_PAGE):
-        fail(400, f"limit must be a whole number from 1 to {MAX_PAGE}")
+        checks.fail(400, f"limit must be a whole number from 1 to {MAX_PAGE}")
     # Each page is read and encoded from the store: a flood of them is refused
     # before it costs anyone else (per process: it is this process's CPU it guards).
-    wait = reading_past.take(client_address(), PAST_RATE, PAST_BURST)
+    wait = reading_past.take(checks.client_address(settings), PAST_RATE, PAST_BURST)
     if wait:
         wait = math.ceil(wait)
-        fail(429, f"too many pages of the past; try again in {wait} s", Retry_After=str(wait))
-    no_store()
+        checks.fail(429, f"too many pages of the past; try again in {wait} s", Retry_After=str(wait))
+    checks.no_store()
     bottle.response.content_type = "application/json"
     chat = streams["chat"]
     answers = chat.past     # taken before the store is read: a publish meanwhile replaces it
@@ -684,7 +422,7 @@ def past_messages():
         try:
             past, more = store.page(chat.key, before, int(limit))
         except storage.StoreError:
-            fail(503, "the server cannot read its messages right now; try again shortly", Retry_After="10")
+            checks.fail(503, "the server cannot read its messages right now; try again shortly", Retry_After="10")
         if len(answers) >= 64:
             answers.clear()         # clients asking with every cursor there is cannot grow it
         answers[key] = past_answer(past, more)
@@ -737,14 +475,14 @@ class Presence:
         if browser is None:
             return None         # curl, other clients: served, not counted
         if not re.fullmatch(r"[A-Za-z0-9_-]{8,64}", browser):
-            fail(400, "browser must be 8 to 64 of A-Z, a-z, 0-9, _ and -")
+            checks.fail(400, "browser must be 8 to 64 of A-Z, a-z, 0-9, _ and -")
         nick = query.getunicode("nick", default=None) if "nick" in query else ""
         if nick is None:
-            fail(400, "nick must be UTF-8")
-        nick = text_field({"nick": nick}, "nick", MAX_NICK_CHARS, refused=BIDI_CONTROLS)
+            checks.fail(400, "nick must be UTF-8")
+        nick = checks.text_field({"nick": nick}, "nick", MAX_NICK_CHARS, refused=BIDI_CONTROLS)
         entry = self.local.get(browser)
         if entry is None:
-            address = client_address()
+            address = checks.client_address(settings)
             if self.by_address[address] >= settings.present_per_address:
                 return None     # one address cannot fill the room: served, not counted
             self.by_address[address] += 1
@@ -762,10 +500,10 @@ class Presence:
         entry["ended"] = time.time()
 
     def leave(self, browser):
-        wait = self.leaving.take(client_address(), LEAVE_RATE, LEAVE_BURST)
+        wait = self.leaving.take(checks.client_address(settings), LEAVE_RATE, LEAVE_BURST)
         if wait:
             wait = math.ceil(wait)
-            fail(429, f"too many leaves; try again in {wait} s", Retry_After=str(wait))
+            checks.fail(429, f"too many leaves; try again in {wait} s", Retry_After=str(wait))
         if browser not in self.local and browser not in self.present:
             return      # not a browser that is here: nothing to store, nothing for every process to read
         self.leaves[browser] = time.time()
@@ -819,7 +557,7 @@ class Presence:
             eventlet.sleep(PRESENCE_TICK)
 
     def answer(self):
-        no_store()
+        checks.no_store()
         bottle.response.content_type = "application/json"
         return self.encoded
 
@@ -860,23 +598,23 @@ def who_is_here():
 @app.get("/presence/updates")
 def presence_updates():
     """At once if presence differs from the cursor, else when it changes or at the poll timeout."""
-    cursor = parse_cursor()
+    cursor = checks.parse_cursor()
     if cursor == presence.cursor:
         stream = streams["presence"]
-        with parked():
+        with parking.parked(settings):
             stream.wait(stream.last_id, settings.poll_timeout)
     return presence.answer()
 
 
 @app.post("/chat/leave")
 def leave():
-    browser = json_body().get("browser")
+    browser = checks.json_body(settings).get("browser")
     if not (isinstance(browser, str) and re.fullmatch(r"[A-Za-z0-9_-]{8,64}", browser)):
-        fail(400, "browser must be 8 to 64 of A-Z, a-z, 0-9, _ and -")
+        checks.fail(400, "browser must be 8 to 64 of A-Z, a-z, 0-9, _ and -")
     try:
         presence.leave(browser)
     except storage.StoreError:
-        fail(503, "the server cannot record that right now", Retry_After="10")
+        checks.fail(503, "the server cannot record that right now", Retry_After="10")
     bottle.response.status = 204
 
 
@@ -1192,14 +930,14 @@ def subscription(token):
         try:
             subs = store.subscriptions()
         except storage.StoreError:
-            fail(503, "the server cannot read its subscriptions right now", Retry_After="10")
+            checks.fail(503, "the server cannot read its subscriptions right now", Retry_After="10")
         for url, sub in subs.items():
             if hmac.compare_digest(str(sub.get("token")), token):
                 feed = next((f for f in feeds if f.url == url), None)
                 if feed is None:
-                    fail(410, "this feed is no longer followed")
+                    checks.fail(410, "this feed is no longer followed")
                 return feed, sub
-    fail(404, "no such subscription")
+    checks.fail(404, "no such subscription")
 
 
 @app.get("/websub/<token>")
@@ -1209,8 +947,8 @@ def hub_verifies(token):
     query = urllib.parse.parse_qs(bottle.request.environ.get("QUERY_STRING", ""))
     mode, topic, lease, reason = (query.get("hub." + k, [""])[0] for k in ("mode", "topic", "lease_seconds", "reason"))
     if topic != sub["topic"]:
-        fail(404, "no such subscription")
-    no_store()
+        checks.fail(404, "no such subscription")
+    checks.no_store()
     if mode == "denied":
         store.subscribe(feed.url, {**sub, "state": "denied", "expires": None,
                                    "why": "the hub denied the subscription: " + (feedtext.plain_text(reason, 200) or "no reason given")})
@@ -1221,7 +959,7 @@ def hub_verifies(token):
     challenge = urllib.parse.parse_qs(bottle.request.environ.get("QUERY_STRING", ""),
                                       encoding="latin-1").get("hub.challenge", [""])[0]
     if mode != "subscribe" or not challenge or not (sub["requested"] or sub["state"] == "verified"):
-        fail(404, "no such subscription")
+        checks.fail(404, "no such subscription")
     lease = int(lease) if re.fullmatch(r"[0-9]{1,9}", lease) else LEASE_ASKED
     why = None
     if lease < LEASE_FLOOR:
@@ -1241,7 +979,7 @@ def hub_pushes(token):
     """A new version of the feed, from its hub: published once, however it also arrives."""
     feed, sub = subscription(token)
     req = bottle.request
-    raw = read_body(feedtext.MAX_FEED_BYTES)
+    raw = checks.read_body(settings, feedtext.MAX_FEED_BYTES)
     method, _, signature = req.get_header("X-Hub-Signature", "").partition("=")
     if method not in ("sha1", "sha256", "sha384", "sha512") or not hmac.compare_digest(
             hmac.new(sub["secret"].encode(), raw, method).hexdigest(), signature.strip().lower()):
@@ -1261,18 +999,28 @@ def hub_pushes(token):
         feed.take_in(title, entries, feed.etag, feed.modified)
         store.subscribe(feed.url, {**store.subscriptions().get(feed.url, sub), "last_push": time.time()})
     except storage.StoreError:
-        fail(503, "the server cannot store entries right now", Retry_After="10")   # the hub retries
+        checks.fail(503, "the server cannot store entries right now", Retry_After="10")   # the hub retries
     return accepted()
 
 
 def accepted():
     bottle.response.status = 202
     bottle.response.content_type = "text/plain"
-    no_store()
+    checks.no_store()
     return ""
 
 
 # -- Status and pages ---------------------------------------------------------
+
+
+def updates(stream, cursor):
+    with parking.parked(settings):
+        items, cursor, gap = stream.wait(cursor, settings.poll_timeout)
+    metrics.answered(stream.key, gap)
+    checks.no_store()
+    bottle.response.content_type = "application/json"
+    return stream.answer(items, cursor, gap)
+
 
 
 # Not through Bottle's JSON plugin: the answer is JSON already, and one call less
@@ -1280,8 +1028,8 @@ def accepted():
 @app.get("/<name>/updates", skip=["json"])
 def stream_updates(name):
     if name not in streams:
-        fail(404, f"no stream named {name}")
-    cursor = parse_cursor()
+        checks.fail(404, f"no stream named {name}")
+    cursor = checks.parse_cursor()
     # A chat poll may say which browser polls: every poll is a heartbeat.
     browser = presence.arrive() if name == "chat" else None
     try:
@@ -1293,14 +1041,14 @@ def stream_updates(name):
 
 @app.get("/status")
 def status():
-    no_store()
+    checks.no_store()
     try:
         subs = store.subscriptions() if settings.public_url else {}
     except storage.StoreError:
         subs = {}           # the storage row says why
     return {
         "waiting": sum(s.waiting for s in streams.values()),
-        "poll_room": poll_places - parked_total,
+        "poll_room": parking.places - parking.total,
         "streams": {name: {"last_id": s.last_id, "kept": len(s.items), "waiting": s.waiting}
                     for name, s in streams.items()},
         "feeds": [{**f.status(), "push": push_status(f, subs.get(f.url))} for f in feeds],
@@ -1344,230 +1092,7 @@ def static(path):
 
 bottle.TEMPLATE_PATH[:] = [str(HERE / "views")]
 
-# -- The front door and main() ------------------------------------------------
-
-
-class SlowRequest(Exception):
-    """A client took longer than --client-timeout to send its request."""
-
-
-def abort(sock):
-    """Make the coming close a reset (SO_LINGER on, 0 s): a plain close would
-    leave the kernel holding the unread answer in FIN_WAIT1 for minutes."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-
-
-def unsent(sock):
-    """Bytes of what was written to sock that its client has not taken yet."""
-    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
-
-
-class SocketWriter:
-    """A connection's wfile that sends what it is given at once. eventlet writes
-    each answer whole (writelines()), so a buffer kept for the connection's
-    life only costs every parked client (measured at 10,000: 1.5 KB a client,
-    and 7 % of the CPU an answer takes)."""
-
-    closed = False
-
-    def __init__(self, sock):
-        self.sock = sock
-
-    def write(self, data):
-        try:
-            self.sock.sendall(data)     # within the socket timeout: an answer never read does not hold the connection
-        except (TimeoutError, SlowRequest):
-            abort(self.sock)
-            raise
-        return len(data)
-
-    def writelines(self, lines):
-        self.write(b"".join(lines))
-
-    def flush(self):
-        pass                        # nothing is held back
-
-    def close(self):
-        self.closed = True          # the socket is eventlet's to close, in finish()
-
-
-class Protocol(eventlet.wsgi.HttpProtocol):
-    """eventlet's HTTP/1.1 server with what a server facing hostile clients needs
-    more: a deadline for each whole request, a cap on connections per address,
-    and strict framing."""
-
-    # Each connection keeps its read buffer for its whole life (eventlet's
-    # default is 8 KB); requests here are small, and a small buffer holds more
-    # parked clients (measured at 10,000, with the write buffer alike: 33 -> 27 KB a client).
-    rbufsize = 1024
-    open_by_address = collections.Counter()     # peer address -> connections it holds open now
-
-    def setup(self):
-        # eventlet's setup(), less its SSL cases and its write buffer (SocketWriter).
-        conn = self.connection = self.request
-        # An answer longer than a segment goes out in several: without
-        # TCP_NODELAY the last, short one could wait for the client's delayed ACK.
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.rfile = conn.makefile("rb", self.rbufsize)
-        self.wfile = SocketWriter(conn)
-
-    def handle(self):
-        # Whatever its connections do (a slow request, an idle keep-alive, an
-        # answer never read), one address may not hold them all. A trusted
-        # proxy carries everyone's; its clients are limited by X-Forwarded-For.
-        self.address = address = address_key(self.client_address[0])
-        counted = address not in settings.trusted_proxy
-        if counted:
-            if self.open_by_address[address] >= settings.connections_per_address:
-                return                              # finish() closes it, unread
-            self.open_by_address[address] += 1
-        try:
-            super().handle()
-        finally:
-            if counted:
-                self.open_by_address[address] -= 1
-                if not self.open_by_address[address]:
-                    del self.open_by_address[address]
-
-    def handle_one_request(self):
-        # Yield first: in a fan-out, every woken poll writes its answer before
-        # any of them sets about reading its next request (at 10,000 clients,
-        # measured 76-82 against 82-99 us of server CPU per answer, 1 KB less
-        # memory per parked client).
-        eventlet.sleep(0)
-        # eventlet's socket timeout is per read, so a byte every few seconds
-        # holds a connection for ever. This deadline is for the whole request,
-        # from the wait for its first byte (an idle keep-alive too) to the end
-        # of its body; the app ends it once the request is read (front_door()).
-        self.deadline = eventlet.Timeout(settings.client_timeout, SlowRequest)  # made only if raised
-        try:
-            super().handle_one_request()
-        except SlowRequest:
-            self.close_connection = 1
-            if unsent(self.connection):     # it stopped reading its answers: gone, not held in FIN_WAIT1
-                abort(self.connection)
-        finally:
-            self.deadline.cancel()
-            # The environ is in cycles (with eventlet's set_idle closure, Bottle's
-            # header dict): emptied, each request is freed by reference counting,
-            # not left to a full garbage collection over every parked client.
-            environ = vars(self).pop("environ", {})
-            if "longpoll.close" in environ:     # the app said this connection ends with its answer
-                self.close_connection = 1
-            environ.clear()
-
-    def _read_request_line(self):
-        # A request line ended by a CR alone would be waited on, for an LF that
-        # never comes, until the deadline: what has arrived is looked at first.
-        try:
-            ahead = self.rfile.peek()       # the read that readline() would make first anyway
-        except (OSError, ValueError):
-            return b""                      # gone, silent past the socket timeout, or closed
-        cr = ahead.find(b"\r")
-        if 0 <= cr < len(ahead) - 1 and ahead[cr + 1] != ord("\n"):
-            self.send_error(400, "malformed request: a line ends with CR alone, not CRLF")
-            return b""
-        line = super()._read_request_line()
-        if len(line) >= self.server.url_length_limit:     # eventlet would answer it, in plain text
-            self.send_error(414, f"the request line is over {self.server.url_length_limit // 1024} KB")
-            return b""
-        return line
-
-    def get_environ(self):
-        environ = super().get_environ()
-        environ["longpoll.request_read"] = self.deadline.cancel
-        environ["longpoll.address"] = self.address
-        return environ
-
-    def parse_request(self):
-        # http.server parses each request's headers with the email package's
-        # feed parser, most of the CPU a parked poll costs (47 against 9 us a
-        # request, measured). llhttp (httptools, Node's parser) is also strict
-        # where that one is lenient: folded lines, a space before the colon,
-        # two Content-Lengths, bare LF line ends are all refused.
-        self.command, self.request_version = None, "HTTP/1.0"    # what send_error() may read
-        self.close_connection = True                            # unless the request says otherwise
-        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
-        if not self.requestline.strip():
-            return False
-        if " HTTP/" not in self.requestline:
-            # HTTP/0.9 ("GET /path"): no headers follow, so none are waited for.
-            self.send_error(505, "HTTP/0.9 is not supported: send HTTP/1.1")
-            return False
-        head = [self.raw_requestline]
-        while head[-1] not in (b"\r\n", b"\n"):
-            if not head[-1]:
-                return False                                    # closed before its headers ended
-            if len(head) > MAX_HEADERS:
-                self.send_error(431, "too many header lines")
-                return False
-            try:
-                head.append(self.rfile.readline(65537))     # eventlet's reader bounds each line, and all of them
-            except eventlet.wsgi.HeaderLineTooLong:         # which eventlet would answer in plain text
-                self.send_error(400, f"a header line is over {eventlet.wsgi.MAX_HEADER_LINE // 1024} KB")
-                return False
-            except eventlet.wsgi.HeadersTooLarge:
-                self.send_error(400, f"the request's headers are over {eventlet.wsgi.MAX_TOTAL_HEADER_SIZE // 1024} KB")
-                return False
-        self.url, self.headers = b"", http.client.HTTPMessage()
-        parser = httptools.HttpRequestParser(self)      # calls on_url() and on_header() below
-        # Transfer-Encoding beside Content-Length is let through, to be refused
-        # below with every Transfer-Encoding: a 411 that says to send Content-Length.
-        parser.set_dangerous_leniencies(lenient_chunked_length=True)
-        try:
-            parser.feed_data(b"".join(head))
-        except httptools.HttpParserUpgrade:
-            pass                    # an Upgrade this server does not do: answered as HTTP/1.1
-        except httptools.HttpParserError as e:
-            self.send_error(400, f"malformed request: {e}")
-            return False
-        version = parser.get_http_version()
-        if version not in ("1.0", "1.1"):
-            self.send_error(505, f"HTTP/{version} is not supported: send HTTP/1.1")
-            return False
-        self.command, self.request_version = parser.get_method().decode("ascii"), f"HTTP/{version}"
-        self.path = self.url.decode("iso-8859-1")
-        # Not parser.should_keep_alive(): llhttp forgets the Connection header once a bodiless request is complete.
-        connection = {token.strip() for token in self.headers.get("Connection", "").lower().split(",")}
-        self.close_connection = "close" in connection or (version == "1.0" and "keep-alive" not in connection)
-        # The access log shows the request line: never with a browser's presence id in it.
-        if "browser=" in self.requestline:     # a regular expression only for the polls that carry one
-            self.requestline = re.sub(r"([?&]browser=)[^&\s]*", r"\1-", self.requestline)
-        # Where two readers of a request could disagree on where its body ends
-        # (a proxy in front, and this server), a request could hide another in
-        # its body: refuse what nginx refuses, before reading any of it.
-        lengths = self.headers.get_all("Content-Length") or []
-        if self.headers.get("Transfer-Encoding") is not None:
-            if self.path.startswith("/websub/"):
-                # Some hubs copy the topic's own Transfer-Encoding into the push: theirs to mend.
-                print("longpoll: refused a WebSub push sent with Transfer-Encoding (411); the hub will retry it, "
-                      "in vain until it sends Content-Length alone", file=sys.stderr, flush=True)
-            self.send_error(411, "chunked request bodies are not accepted: send Content-Length")
-        elif len(lengths) > 1 or not all(re.fullmatch(r"[0-9]{1,18}", n) for n in lengths):
-            self.send_error(400, "Content-Length must be given once, as a number of bytes")
-        elif lengths and int(lengths[0]) > DISCARD_FACTOR * (
-                feedtext.MAX_FEED_BYTES if self.path.startswith("/websub/") else MAX_BODY_BYTES):
-            # Too big even to read and drop for its 413 (read_body()): refused, and cut unread.
-            self.send_error(413, "request body is far over the limit")
-        else:
-            return True
-        return False
-
-    def on_url(self, url):
-        self.url += url
-
-    def on_header(self, name, value):
-        self.headers[name.decode("iso-8859-1")] = value.decode("iso-8859-1")
-
-    def send_error(self, code, message=None, explain=None):
-        # Every refusal before the app is JSON too, and ends the connection:
-        # what follows on it may be a body that was never read.
-        body = json.dumps({"error": message or self.responses[code][0]}).encode()
-        self.wfile.write(b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-                         b"Connection: close\r\n%s\r\n%s" % (
-                             code, self.responses[code][0].encode(), len(body),
-                             b"".join(b"%s: %s\r\n" % (n.encode(), v.encode()) for n, v in SAFE_HEADERS), body))
-        self.close_connection = 1
+# -- main() -------------------------------------------------------------------
 
 
 def open_files_limit():
@@ -1584,7 +1109,7 @@ def open_files_limit():
 def main(argv=None):
     global settings, store, posting, streams, presence
     settings = flags.parse_args(argv)
-    settings.loopback_only = is_loopback(settings.host)
+    settings.loopback_only = checks.is_loopback(settings.host)
     try:
         # No SO_REUSEPORT: a second copy on a taken port must fail, not share it.
         sock = eventlet.listen((settings.host, settings.port), backlog=4096, reuse_port=False)
@@ -1606,19 +1131,19 @@ def main(argv=None):
     # eventlet serves at most 1024 connections by default, idle keep-alives
     # included, and its accept loop dies if it runs out of descriptors: size the
     # pool from the open-files limit, below it.
-    global poll_places
     max_clients = open_files_limit() - FD_RESERVE
     if max_clients < 10000:
         print(f"longpoll: the open-files limit allows only {max_clients} clients", file=sys.stderr)
     # A tenth of the pool is kept from parked polls, for posts, pages and /status.
-    poll_places = max_clients - max_clients // 10
+    parking.places = max_clients - max_clients // 10
 
     feeds[:] = [Feed(url) for url in dict.fromkeys(settings.feed)]
     for f in feeds:
         eventlet.spawn(f.run)
     presence = Presence()
     eventlet.spawn(presence.run)
-    metrics.watch(streams, store, feeds, client_address, settings.trusted_proxy + settings.metrics_from)
+    metrics.watch(streams, store, feeds, functools.partial(checks.client_address, settings),
+                  settings.trusted_proxy + settings.metrics_from)
     # A request leaves no garbage cycles (Protocol, error_body(), rendered()),
     # so the collector has little to find, yet a full collection scans every
     # parked client's objects (half a second at 10,000), landing in a park wave
@@ -1632,7 +1157,7 @@ def main(argv=None):
     # app.wsgi, not app: a call through Bottle.__call__ is one more C-level frame
     # in the stack every parked poll saves (measured: 0.7 KB a parked client).
     server = eventlet.spawn(
-        eventlet.wsgi.server, sock, app.wsgi, max_size=max_clients, protocol=Protocol,
+        eventlet.wsgi.server, sock, app.wsgi, max_size=max_clients, protocol=frontdoor.protocol(settings),
         log_output=settings.access_log, debug=False, capitalize_response_headers=False,
         # Never socket.setdefaulttimeout(): it would apply to the listening
         # socket too. These drop a client that is slow to send its request.

@@ -32,6 +32,7 @@ from hypothesis import given, settings as hypothesis_settings, strategies as st
 
 import feedtext
 import flags
+import frontdoor
 import storage
 from conftest import FeedServer, Hub, RedisServer, Server, atom, free_port, hubbed, loopback, numbered, rss
 
@@ -379,7 +380,7 @@ def test_requests_leave_no_garbage_cycles(monkeypatch):
     monkeypatch.setattr(longpoll, "streams", longpoll.open_streams(store, 10))
     monkeypatch.setattr(longpoll, "presence", longpoll.Presence())
     listener = eventlet.listen(("127.0.0.1", 0))
-    server = eventlet.spawn(eventlet.wsgi.server, listener, longpoll.app, protocol=longpoll.Protocol,
+    server = eventlet.spawn(eventlet.wsgi.server, listener, longpoll.app, protocol=frontdoor.protocol(longpoll.settings),
                             log_output=False, debug=False, socket_timeout=5, keepalive=5)
     post = json.dumps({"body": "hi"}).encode()
     # (request line, headers beyond Host, body): answered, refused, paged, posted.
