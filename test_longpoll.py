@@ -2227,7 +2227,7 @@ def delivered(stream, last_id):
     """Wait until the stream's reader has brought it up to last_id (10 s at most)."""
     with eventlet.Timeout(10):
         while stream.last_id < last_id:
-            stream.event.wait()
+            stream.event.wait(10)       # a Wakeup's wait takes its timeout (issue 35), as every poll gives one
 
 
 def test_on_redis_a_publish_between_the_look_and_the_wait_is_not_lost(on_redis):
