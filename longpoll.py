@@ -314,10 +314,15 @@ class Stream:
         event.send()
 
 
-# Every stream: its name (its route /NAME/updates, and its row in /status) and
-# the key of its items. Creating, loading, delivering, following, closing,
-# /status and the updates route all go through this one list.
-STREAMS = {"chat": "messages", "feed": "entries"}
+# Every stream: its name (its row in /status), the key of its items, and whether
+# the store keeps them. Creating, loading, delivering, closing and /status go
+# through this one list, and a stream's polls too: /NAME/updates for a stream
+# of items, and /presence/updates for the snapshots of who is here.
+STREAMS = {
+    "chat": ("messages", "stored"),         # ids and items kept by the store (--db, or --redis)
+    "feed": ("entries", "stored"),
+    "presence": ("presence", "not stored"),  # snapshots: ids given by this process, nothing kept
+}
 streams = {}        # name -> Stream; main() opens them with open_streams()
 
 
@@ -329,10 +334,13 @@ def json_bytes(value):
 
 def open_streams(store, history):
     """A Stream for each of STREAMS, from what the store kept, and the store's
-    deliveries routed to them; then start the store's reader, if it has one."""
-    opened = {name: Stream(key, store, history) for name, key in STREAMS.items()}
+    deliveries routed to them; then start the store's reader, if it has one.
+    A stream not stored has a storage.Unkept of its own and keeps its newest item only."""
+    opened = {name: Stream(key, store, history) if how == "stored" else Stream(key, storage.Unkept(), 1)
+              for name, (key, how) in STREAMS.items()}
     by_key = {s.key: s for s in opened.values()}
-    store.deliver = lambda key, items: by_key[key].add(items)
+    for s in opened.values():
+        s.store.deliver = lambda key, items: by_key[key].add(items)
     store.start()
     return opened
 
@@ -565,26 +573,6 @@ class Presence:
 def digest(snapshot):
     """A presence cursor: the same snapshot has the same cursor in every process (52 bits, exact in JavaScript)."""
     return int(hashlib.sha256(json_bytes(snapshot)).hexdigest()[:13], 16)
-
-
-class Snapshots:
-    """The presence stream's store: ids given here, nothing kept (presence fills
-    again within one poll timeout after a restart)."""
-
-    def __init__(self):
-        self.deliver, self.last_id = None, 0
-
-    def load(self, key):
-        return [], 0
-
-    def append(self, key, batch):
-        items = [{"id": self.last_id + n, **fields} for n, fields in enumerate(batch, 1)]
-        self.last_id += len(items)
-        self.deliver(key, items)
-        return items, True
-
-    def issued(self, key, cursor):
-        return None
 
 
 presence = None     # main(): a Presence
@@ -1122,9 +1110,6 @@ def main(argv=None):
         else:
             store, posting = storage.Store(settings.db, settings.history, settings.keep), TokenBucket()
         streams = open_streams(store, settings.history)
-        snapshots = Snapshots()
-        streams["presence"] = Stream("presence", snapshots, 1)
-        snapshots.deliver = lambda key, items: streams["presence"].add(items)
     except storage.StoreError as e:
         where = f"--redis {settings.redis}" if settings.redis else f"--db {settings.db}"
         sys.exit(f"longpoll: {where}: {e}")

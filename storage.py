@@ -286,3 +286,25 @@ def explain(error, path):
         why = "the disk is full" if disk and disk.f_bavail == 0 else "is the disk full, or a file size limit reached?"
         return f"cannot write: {text} ({why})"
     return text
+
+
+class Unkept:
+    """The store of a stream that is not stored (presence's snapshots): ids given
+    by this process, nothing kept, as a snapshot is worth nothing after a restart."""
+
+    shared = False
+
+    def __init__(self):
+        self.deliver, self.last_id = None, 0
+
+    def load(self, key):
+        return [], 0
+
+    def append(self, key, batch):
+        items = [{"id": self.last_id + n, **fields} for n, fields in enumerate(batch, 1)]
+        self.last_id += len(items)
+        self.deliver(key, items)
+        return items, True
+
+    def issued(self, key, cursor):
+        return None         # every id it gave, this process has seen

@@ -3026,9 +3026,6 @@ def in_process(monkeypatch):
     monkeypatch.setattr(longpoll, "store", store)
     monkeypatch.setattr(longpoll, "reading_past", longpoll.TokenBucket())
     monkeypatch.setattr(longpoll, "streams", longpoll.open_streams(store, 200))
-    snapshots = longpoll.Snapshots()
-    longpoll.streams["presence"] = longpoll.Stream("presence", snapshots, 1)
-    snapshots.deliver = lambda key, items: longpoll.streams["presence"].add(items)
     monkeypatch.setattr(longpoll, "presence", longpoll.Presence())
 
     def ask(path, address="127.0.0.1"):
