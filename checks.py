@@ -13,6 +13,7 @@ import ipaddress
 import json
 import math
 import re
+import time
 import unicodedata
 import urllib.parse
 
@@ -20,6 +21,11 @@ import bottle
 
 import metrics
 from frontdoor import MAX_BODY_BYTES, SAFE_HEADERS, SlowRequest, address_key
+
+MAX_NICK_CHARS = 32             # in a chat message, and in who is here
+# Bidirectional-text controls: in a nick they could reverse what follows it and
+# impersonate someone; the pages isolate each text, but a nick may not have them.
+BIDI_CONTROLS = set("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
 def fail(status, message, **headers):
@@ -221,3 +227,31 @@ def text_field(data, name, limit, allowed="", required=False, refused=()):
     if any(c in refused for c in value):
         fail(400, f"{name} contains bidirectional-text controls")
     return value
+
+
+class TokenBucket:
+    """Posting allowance per client address: `burst` at once, refilled at `rate` a second."""
+
+    def __init__(self):
+        self.buckets = collections.OrderedDict()    # address -> (tokens, time), oldest use first
+
+    def take(self, key, rate, burst):
+        """Take a token; return 0 if there was one, else seconds until there is."""
+        now = time.monotonic()
+        # Forget buckets untouched long enough to be full again. They sit at the
+        # front, so this costs O(1) a post however many addresses post at once.
+        while self.buckets and now - next(iter(self.buckets.values()))[1] >= burst / rate:
+            self.buckets.popitem(last=False)
+        tokens, then = self.buckets.get(key, (burst, now))
+        tokens = min(burst, tokens + (now - then) * rate)
+        if tokens < 1:
+            return (1 - tokens) / rate
+        self.buckets[key] = (tokens - 1, now)
+        self.buckets.move_to_end(key)
+        return 0
+
+
+def json_bytes(value):
+    # UTF-8, not \u escapes: an emoji is 4 bytes, not 12. A lone surrogate (a
+    # post may not have one; a feed might) cannot be UTF-8, and becomes "?".
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "replace")

@@ -28,7 +28,6 @@ import base64
 import collections
 import functools
 import gc
-import hashlib
 import hmac
 import itertools
 import json
@@ -55,6 +54,7 @@ import feedtext
 import flags
 import frontdoor
 import metrics
+import presence
 import sharing
 import storage
 
@@ -67,13 +67,7 @@ MAX_ANSWER_BYTES = 256 * 1024   # of history in one answer; a client catching up
 MAX_PAGE = 200                  # messages in one page of the chat's past (GET /chat/messages), at most
 PAST_RATE = 5.0                 # pages of the chat's past one address may ask a second, over time
 PAST_BURST = 60                 # and at once: a page that fills a long gap asks dozens in a row
-PRESENCE_TICK = 0.5             # who is here is worked out this often: a wave of joins is a few snapshots
-LEAVE_DELAY = 1.5               # a browser that said it left is gone after this, unless it polls again (a reload)
-MAX_HERE = 100                  # nicks listed in a presence snapshot, at most
-LEAVE_RATE = 2.0                # leaves one address may send a second, over time
-LEAVE_BURST = 20                # and at once: an office's browsers closing together
 MAX_MESSAGE_CHARS = 2000
-MAX_NICK_CHARS = 32
 MAX_CLIENT_ID_CHARS = 64
 FIRST_FETCH_ENTRIES = 5         # a feed's first fetch publishes only its newest few
 MAX_NEW_PER_FETCH = 30          # a feed that renews every id at once is a bounded burst
@@ -84,9 +78,6 @@ LEASE_ASKED = 10 * 86400        # seconds of WebSub lease asked of a hub; the hu
 PUSHED_INTERVAL = 3600          # while a hub pushes a feed, it is still polled this often, in case a push is lost
 LEASE_FLOOR = 300               # seconds: a shorter lease a hub grants is renewed as if it were this long
 VERIFY_WITHIN = 60              # seconds a hub has to verify a subscription before it is reported and asked again
-# Bidirectional-text controls: in a nick they could reverse what follows it and
-# impersonate someone; the pages isolate each text, but a nick may not have them.
-BIDI_CONTROLS = set("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 FD_RESERVE = 64 + 2 * FETCH_CONCURRENCY  # descriptors kept free of client connections
 
 
@@ -225,7 +216,7 @@ class Stream:
         # this publish is then kept in the old one, which nobody reads any more.
         self.past = {}
         for item in items:
-            self.encoded[item["id"]] = json_bytes(item)
+            self.encoded[item["id"]] = checks.json_bytes(item)
         while len(self.encoded) > len(self.items):
             self.encoded.popitem(last=False)        # the JSON of items the deque let go
 
@@ -284,7 +275,7 @@ class Stream:
         if key not in self.answers:
             if len(self.answers) >= 64:
                 self.answers.clear()        # clients asking with every cursor there is cannot grow it
-            listed = b",".join(self.encoded.get(item["id"]) or json_bytes(item) for item in items)
+            listed = b",".join(self.encoded.get(item["id"]) or checks.json_bytes(item) for item in items)
             self.answers[key] = b'{"%s":[%s],"cursor":%d%s}' % (
                 self.key.encode(), listed, cursor, b',"gap":true' if gap else b"")
         return self.answers[key]
@@ -326,12 +317,6 @@ STREAMS = {
 streams = {}        # name -> Stream; main() opens them with open_streams()
 
 
-def json_bytes(value):
-    # UTF-8, not \u escapes: an emoji is 4 bytes, not 12. A lone surrogate (a
-    # post may not have one; a feed might) cannot be UTF-8, and becomes "?".
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "replace")
-
-
 def open_streams(store, history):
     """A Stream for each of STREAMS, from what the store kept, and the store's
     deliveries routed to them; then start the store's reader, if it has one.
@@ -355,30 +340,8 @@ parking = checks.Parking()  # polls parked now, per address; main() sets how man
 # -- The chat -----------------------------------------------------------------
 
 
-class TokenBucket:
-    """Posting allowance per client address: `burst` at once, refilled at `rate` a second."""
-
-    def __init__(self):
-        self.buckets = collections.OrderedDict()    # address -> (tokens, time), oldest use first
-
-    def take(self, key, rate, burst):
-        """Take a token; return 0 if there was one, else seconds until there is."""
-        now = time.monotonic()
-        # Forget buckets untouched long enough to be full again. They sit at the
-        # front, so this costs O(1) a post however many addresses post at once.
-        while self.buckets and now - next(iter(self.buckets.values()))[1] >= burst / rate:
-            self.buckets.popitem(last=False)
-        tokens, then = self.buckets.get(key, (burst, now))
-        tokens = min(burst, tokens + (now - then) * rate)
-        if tokens < 1:
-            return (1 - tokens) / rate
-        self.buckets[key] = (tokens - 1, now)
-        self.buckets.move_to_end(key)
-        return 0
-
-
 posting = None      # main(): a TokenBucket, or with --redis sharing.RedisBuckets for every process
-reading_past = TokenBucket()    # pages of the chat's past, per address
+reading_past = checks.TokenBucket()    # pages of the chat's past, per address
 store = None        # main() opens the --db, or --redis
 
 
@@ -388,13 +351,13 @@ def post_message():
     data = checks.json_body(settings)
     bottle.response.content_type = "application/json"   # for the message's own JSON, in UTF-8
     body = checks.text_field(data, "body", MAX_MESSAGE_CHARS, allowed="\n\t", required=True)
-    nick = checks.text_field(data, "nick", MAX_NICK_CHARS, refused=BIDI_CONTROLS) or "anonymous"
+    nick = checks.text_field(data, "nick", checks.MAX_NICK_CHARS, refused=checks.BIDI_CONTROLS) or "anonymous"
     client_id = checks.text_field(data, "client_id", MAX_CLIENT_ID_CHARS)
     try:
         message = {"nick": nick, "body": body, "time": time.time()}
         original = client_id and store.posted(client_id, streams["chat"].key, message)
         if original:
-            return json_bytes(original)         # a retry whose first answer was lost
+            return checks.json_bytes(original)         # a retry whose first answer was lost
         wait = posting.take(checks.client_address(settings), settings.post_rate, settings.post_burst)
         if wait:
             wait = math.ceil(wait)
@@ -404,7 +367,7 @@ def post_message():
         checks.fail(503, "the server cannot store messages right now; try again shortly", Retry_After="10")
     # 200 for a copy that raced its original (to another process, say): posted once.
     bottle.response.status = 201 if new else 200
-    return json_bytes(message)
+    return checks.json_bytes(message)
 
 
 @app.get("/chat/messages")
@@ -444,7 +407,7 @@ def past_answer(past, more):
     it that fit (one at least), and "more" when older ones are left out."""
     encoded, size = [], 0
     for item in reversed(past):
-        item_json = json_bytes(item)
+        item_json = checks.json_bytes(item)
         size += len(item_json) + 1
         if size > MAX_ANSWER_BYTES and encoded:
             more = True
@@ -453,145 +416,26 @@ def past_answer(past, more):
     return b'{"messages":[%s],"more":%s}' % (b",".join(reversed(encoded)), b"true" if more else b"false")
 
 
-# -- Who is here --------------------------------------------------------------
-# The third stream. Every chat poll that names its browser is a heartbeat; one
-# poll per browser (the pages' leader tab) makes a browser one entry whatever
-# its tabs. Snapshots of who is here are published on a Stream of their own,
-# at most twice a second, and /presence/updates waits on it as polls do.
+# -- Who is here ---------------------------------------------------------------
+# The browsers present are worked out in presence.py; here are its routes.
 
-
-class Presence:
-    """The browsers whose chat polls say who they are, while they keep polling."""
-
-    def __init__(self):
-        self.local = {}         # browser -> what this process knows of it (see arrive())
-        self.by_address = collections.Counter()     # client address -> browsers it has here
-        self.leaves = {}        # browser -> when it said it left
-        self.present = {}       # every process's present browsers at the last tick (a leave is for one of them)
-        self.leaving = TokenBucket()    # leaves per address
-        self.keep({"here": [], "count": 0})
-
-    def keep(self, snapshot):
-        self.snapshot, self.cursor = snapshot, digest(snapshot)
-        # Encoded once for every watcher it wakes, as the streams' answers are.
-        self.encoded = json_bytes({**snapshot, "cursor": self.cursor})
-
-    def arrive(self):
-        """A chat poll begins: its browser (validated, or a 400) is present, if it names one."""
-        query = bottle.request.query
-        browser = query.get("browser")
-        if browser is None:
-            return None         # curl, other clients: served, not counted
-        if not re.fullmatch(r"[A-Za-z0-9_-]{8,64}", browser):
-            checks.fail(400, "browser must be 8 to 64 of A-Z, a-z, 0-9, _ and -")
-        nick = query.getunicode("nick", default=None) if "nick" in query else ""
-        if nick is None:
-            checks.fail(400, "nick must be UTF-8")
-        nick = checks.text_field({"nick": nick}, "nick", MAX_NICK_CHARS, refused=BIDI_CONTROLS)
-        entry = self.local.get(browser)
-        if entry is None:
-            address = checks.client_address(settings)
-            if self.by_address[address] >= settings.present_per_address:
-                return None     # one address cannot fill the room: served, not counted
-            self.by_address[address] += 1
-            # Shared with every process through the store, as a digest: fairness needs no address.
-            who = hashlib.sha256(address.encode()).hexdigest()[:16]
-            entry = self.local[browser] = {"address": address, "who": who, "polls": 0, "ended": 0}
-        entry.update(nick=nick, polled=time.time())
-        entry["polls"] += 1
-        return browser
-
-    def depart(self, browser):
-        """A chat poll of the browser ended; it is present for --presence-grace more."""
-        entry = self.local[browser]
-        entry["polls"] -= 1
-        entry["ended"] = time.time()
-
-    def leave(self, browser):
-        wait = self.leaving.take(checks.client_address(settings), LEAVE_RATE, LEAVE_BURST)
-        if wait:
-            wait = math.ceil(wait)
-            checks.fail(429, f"too many leaves; try again in {wait} s", Retry_After=str(wait))
-        if browser not in self.local and browser not in self.present:
-            return      # not a browser that is here: nothing to store, nothing for every process to read
-        self.leaves[browser] = time.time()
-        store.leave(browser, self.leaves[browser])
-
-    def mine(self, now):
-        """{browser: [nick, start of its last poll, until when it is present, its address's digest]} of this process."""
-        kept = {}
-        for browser, e in list(self.local.items()):
-            until = now + settings.presence_grace if e["polls"] else e["ended"] + settings.presence_grace
-            if until > now:
-                kept[browser] = [e["nick"], e["polled"], until, e["who"]]
-            else:
-                del self.local[browser]
-                self.by_address[e["address"]] -= 1
-                if not self.by_address[e["address"]]:
-                    del self.by_address[e["address"]]
-        return kept
-
-    def tick(self):
-        """Work out who is here, with every process (through the store), and publish it if it changed."""
-        now = time.time()
-        self.leaves = {b: t for b, t in self.leaves.items() if now - t < settings.presence_grace + 60}
-        self.present, leaves = store.presence(self.mine(now), self.leaves)
-        # Gone: a browser that left, once LEAVE_DELAY is over, unless a poll began since.
-        here = [e for b, e in self.present.items()
-                if e[2] > now and not (b in leaves and e[1] <= leaves[b] and now >= leaves[b] + LEAVE_DELAY)]
-        by_address = collections.defaultdict(list)
-        for e in sorted(here, key=lambda e: -e[1]):         # the most recently active first
-            by_address[e[3]].append(e)
-        # Each address counts its --present-per-address most active browsers (in
-        # every process together), and the nicks listed are one per address
-        # before a second from any: one address cannot hide everyone else.
-        count, ranked = 0, []
-        for entries in by_address.values():
-            entries = entries[:settings.present_per_address]
-            count += len(entries)
-            ranked += [(rank, -e[1], e[0]) for rank, e in enumerate(e for e in entries if e[0])]
-        listed = dict.fromkeys(nick for *_, nick in sorted(ranked))
-        snapshot = {"here": sorted(itertools.islice(listed, MAX_HERE), key=str.casefold), "count": count}
-        if snapshot != self.snapshot:
-            self.keep(snapshot)
-            streams["presence"].publish(snapshot)
-
-    def run(self):
-        while True:
-            try:
-                self.tick()
-            except storage.StoreError:
-                pass            # the storage row of /status says why; presence goes on from what it has
-            eventlet.sleep(PRESENCE_TICK)
-
-    def answer(self):
-        checks.no_store()
-        bottle.response.content_type = "application/json"
-        return self.encoded
-
-
-def digest(snapshot):
-    """A presence cursor: the same snapshot has the same cursor in every process (52 bits, exact in JavaScript)."""
-    return int(hashlib.sha256(json_bytes(snapshot)).hexdigest()[:13], 16)
-
-
-presence = None     # main(): a Presence
+here = None         # main(): a presence.Presence, the browsers here
 
 
 @app.get("/presence")
 def who_is_here():
-    return presence.answer()
+    return here.answer()
 
 
 @app.get("/presence/updates")
 def presence_updates():
     """At once if presence differs from the cursor, else when it changes or at the poll timeout."""
     cursor = checks.parse_cursor()
-    if cursor == presence.cursor:
+    if cursor == here.cursor:
         stream = streams["presence"]
         with parking.parked(settings):
             stream.wait(stream.last_id, settings.poll_timeout)
-    return presence.answer()
+    return here.answer()
 
 
 @app.post("/chat/leave")
@@ -600,7 +444,7 @@ def leave():
     if not (isinstance(browser, str) and re.fullmatch(r"[A-Za-z0-9_-]{8,64}", browser)):
         checks.fail(400, "browser must be 8 to 64 of A-Z, a-z, 0-9, _ and -")
     try:
-        presence.leave(browser)
+        here.leave(browser)
     except storage.StoreError:
         checks.fail(503, "the server cannot record that right now", Retry_After="10")
     bottle.response.status = 204
@@ -1019,12 +863,12 @@ def stream_updates(name):
         checks.fail(404, f"no stream named {name}")
     cursor = checks.parse_cursor()
     # A chat poll may say which browser polls: every poll is a heartbeat.
-    browser = presence.arrive() if name == "chat" else None
+    browser = here.arrive() if name == "chat" else None
     try:
         return updates(streams[name], cursor)
     finally:
         if browser:
-            presence.depart(browser)
+            here.depart(browser)
 
 
 @app.get("/status")
@@ -1095,7 +939,7 @@ def open_files_limit():
 
 
 def main(argv=None):
-    global settings, store, posting, streams, presence
+    global settings, store, posting, streams, here
     settings = flags.parse_args(argv)
     settings.loopback_only = checks.is_loopback(settings.host)
     try:
@@ -1108,7 +952,7 @@ def main(argv=None):
             store = sharing.RedisStore(settings.redis, settings.history, settings.keep)
             posting = sharing.RedisBuckets(store)
         else:
-            store, posting = storage.Store(settings.db, settings.history, settings.keep), TokenBucket()
+            store, posting = storage.Store(settings.db, settings.history, settings.keep), checks.TokenBucket()
         streams = open_streams(store, settings.history)
     except storage.StoreError as e:
         where = f"--redis {settings.redis}" if settings.redis else f"--db {settings.db}"
@@ -1125,8 +969,8 @@ def main(argv=None):
     feeds[:] = [Feed(url) for url in dict.fromkeys(settings.feed)]
     for f in feeds:
         eventlet.spawn(f.run)
-    presence = Presence()
-    eventlet.spawn(presence.run)
+    here = presence.Presence(settings, store, streams["presence"])
+    eventlet.spawn(here.run)
     metrics.watch(streams, store, feeds, functools.partial(checks.client_address, settings),
                   settings.trusted_proxy + settings.metrics_from)
     # A request leaves no garbage cycles (Protocol, error_body(), rendered()),

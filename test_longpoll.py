@@ -30,9 +30,11 @@ import eventlet.wsgi
 import pytest
 from hypothesis import given, settings as hypothesis_settings, strategies as st
 
+import checks
 import feedtext
 import flags
 import frontdoor
+import presence
 import storage
 from conftest import FeedServer, Hub, RedisServer, Server, atom, free_port, hubbed, loopback, numbered, rss
 
@@ -376,9 +378,9 @@ def test_requests_leave_no_garbage_cycles(monkeypatch):
     monkeypatch.setattr(longpoll.settings, "loopback_only", True, raising=False)
     store = storage.Store(":memory:", 10)
     monkeypatch.setattr(longpoll, "store", store)
-    monkeypatch.setattr(longpoll, "posting", longpoll.TokenBucket())
+    monkeypatch.setattr(longpoll, "posting", checks.TokenBucket())
     monkeypatch.setattr(longpoll, "streams", longpoll.open_streams(store, 10))
-    monkeypatch.setattr(longpoll, "presence", longpoll.Presence())
+    monkeypatch.setattr(longpoll, "here", presence.Presence(longpoll.settings, store, longpoll.streams["presence"]))
     listener = eventlet.listen(("127.0.0.1", 0))
     server = eventlet.spawn(eventlet.wsgi.server, listener, longpoll.app, protocol=frontdoor.protocol(longpoll.settings),
                             log_output=False, debug=False, socket_timeout=5, keepalive=5)
@@ -1729,8 +1731,8 @@ def test_token_buckets_forget_full_ones_without_a_scan(monkeypatch):
         def values(self):
             return self._count(super().values())
 
-    bucket, now = longpoll.TokenBucket(), [1000.0]
-    monkeypatch.setattr(longpoll.time, "monotonic", lambda: now[0])
+    bucket, now = checks.TokenBucket(), [1000.0]
+    monkeypatch.setattr(checks.time, "monotonic", lambda: now[0])
     addresses = [f"10.0.{n >> 8}.{n & 255}" for n in range(20_000)]
     for address in addresses:
         assert bucket.take(address, rate=1, burst=5) == 0
@@ -1745,8 +1747,8 @@ def test_token_buckets_forget_full_ones_without_a_scan(monkeypatch):
 
 
 def test_a_bucket_is_forgotten_only_once_it_is_full_again(monkeypatch):
-    bucket, now = longpoll.TokenBucket(), [1000.0]
-    monkeypatch.setattr(longpoll.time, "monotonic", lambda: now[0])
+    bucket, now = checks.TokenBucket(), [1000.0]
+    monkeypatch.setattr(checks.time, "monotonic", lambda: now[0])
     assert [bucket.take("a", rate=1, burst=4) for _ in range(4)] == [0, 0, 0, 0]
     assert bucket.take("a", rate=1, burst=4) == 1              # empty: a second to the next
     now[0] += 2                                                 # half the refill time: two back, not four
@@ -3024,9 +3026,9 @@ def in_process(monkeypatch):
     monkeypatch.setattr(longpoll, "settings", flags.parse_args(["--presence-grace", "30"]))
     store = storage.Store(":memory:", 200)
     monkeypatch.setattr(longpoll, "store", store)
-    monkeypatch.setattr(longpoll, "reading_past", longpoll.TokenBucket())
+    monkeypatch.setattr(longpoll, "reading_past", checks.TokenBucket())
     monkeypatch.setattr(longpoll, "streams", longpoll.open_streams(store, 200))
-    monkeypatch.setattr(longpoll, "presence", longpoll.Presence())
+    monkeypatch.setattr(longpoll, "here", presence.Presence(longpoll.settings, store, longpoll.streams["presence"]))
 
     def ask(path, address="127.0.0.1"):
         route, _, query = path.partition("?")
@@ -3196,7 +3198,7 @@ def test_one_address_cannot_hide_everyone_else_from_who_is_here(start):
     poll_as(srv, "browser-alice", "alice", source=loopback(11))
     room_wait(srv, lambda h: "alice" in h[0], timeout=3)
     names, count = here(srv)
-    assert count == 10 * 20 + 1 and len(names) == longpoll.MAX_HERE    # 20 counted per address
+    assert count == 10 * 20 + 1 and len(names) == presence.MAX_HERE    # 20 counted per address
     for a in range(1, 11):
         # One per address before a second from any; of each address, its most recently active.
         listed = [n for n in names if n.startswith(f"!{a:02d}-")]
@@ -3227,8 +3229,8 @@ def test_a_leave_of_a_browser_not_here_is_dropped_before_it_is_stored(start, red
 def test_leaves_from_one_address_are_rate_limited(start):
     srv = start()
     statuses = [srv.request("POST", "/chat/leave", body={"browser": "browser-a"})
-                for _ in range(longpoll.LEAVE_BURST + 10)]
-    assert all(r.status == 204 for r in statuses[:longpoll.LEAVE_BURST])
+                for _ in range(presence.LEAVE_BURST + 10)]
+    assert all(r.status == 204 for r in statuses[:presence.LEAVE_BURST])
     refused = next(r for r in statuses if r.status == 429)
     assert int(refused.headers["Retry-After"]) >= 1 and refused.json()["error"]
     assert srv.request("POST", "/chat/leave", body={"browser": "browser-a"}, source=loopback(1)).status == 204
@@ -3252,7 +3254,7 @@ def test_one_encoding_serves_every_watcher_of_a_presence_snapshot(in_process):
     first = in_process("/presence")
     assert in_process("/presence") is first and in_process("/presence/updates?cursor=1") is first
     in_process("/chat/updates?browser=browser-a&nick=alice")
-    longpoll.presence.tick()
+    longpoll.here.tick()
     again = in_process("/presence")
     assert again is not first and json.loads(again)["here"] == ["alice"]
     assert in_process("/presence") is again
