@@ -36,6 +36,7 @@ import flags
 import frontdoor
 import presence
 import storage
+import websub
 from conftest import FeedServer, Hub, RedisServer, Server, atom, free_port, hubbed, loopback, numbered, rss
 
 HERE = Path(__file__).resolve().parent
@@ -979,7 +980,7 @@ def test_a_wake_during_a_feed_check_brings_the_next_check_at_once(feeds):
     thread = eventlet.spawn(f.run)
     try:
         in_first.wait()
-        longpoll.wake(f, "denied")      # during the check: a hub's denial, which is fetched at once
+        websub.wake(f, "denied")      # during the check: a hub's denial, which is fetched at once
         let_go.send()
         # The feed's delay is 60 s: a lost wake would sleep through all of it.
         assert second.wait(10), "the wake during the check was lost"
@@ -2682,13 +2683,13 @@ def test_the_hub_and_topic_come_from_link_headers_first_then_the_feeds_own_links
                b"<title>t</title><atom:link rel='hub' href='http://hub.example/'/>"
                b"<atom:link rel='self' href='http://site.example/rss'/><item><guid>a</guid></item></channel></rss>")
     _, _, links = feedtext.parse_feed(rss_doc, {"content-location": "http://fetched.example/f"})
-    assert longpoll.discover([], links, "http://fetched.example/f") == ("http://hub.example/", "http://site.example/rss")
+    assert websub.discover([], links, "http://fetched.example/f") == ("http://hub.example/", "http://site.example/rss")
     headers = ['<https://push.example/hub>; rel="hub", </canonical>; rel="self"']
-    assert longpoll.discover(headers, links, "http://fetched.example/f") == (
+    assert websub.discover(headers, links, "http://fetched.example/f") == (
         "https://push.example/hub", "http://fetched.example/canonical")
     # No hub named: the topic is the URL fetched. A hub that is not http(s) is none.
-    assert longpoll.discover([], [("alternate", "http://x/")], "http://f/") == (None, "http://f/")
-    assert longpoll.discover(["<javascript:alert(1)>; rel=hub"], [], "http://f/") == (None, "http://f/")
+    assert websub.discover([], [("alternate", "http://x/")], "http://f/") == (None, "http://f/")
+    assert websub.discover(["<javascript:alert(1)>; rel=hub"], [], "http://f/") == (None, "http://f/")
 
 
 def test_an_rss_feed_with_hub_link_headers_is_subscribed_to_its_self_url(start, hub, feed_server):
@@ -2841,11 +2842,11 @@ def test_an_entry_pushed_then_polled_is_published_once(start, feed_server):
 
 
 def test_a_lease_is_renewed_with_a_quarter_left_and_one_too_short_as_if_it_were_the_floor():
-    now, floor = time.time(), longpoll.LEASE_FLOOR
-    assert longpoll.renewal({"lease": 400, "expires": now + 400}) == now + 300
-    assert longpoll.renewal({"lease": 864000, "expires": now + 864000}) == now + 864000 - 86400   # a day at most
+    now, floor = time.time(), websub.LEASE_FLOOR
+    assert websub.renewal({"lease": 400, "expires": now + 400}) == now + 300
+    assert websub.renewal({"lease": 864000, "expires": now + 864000}) == now + 864000 - 86400   # a day at most
     for short in (0, 4, floor - 1):
-        assert longpoll.renewal({"lease": short, "expires": now + short}) == now + floor * 3 / 4
+        assert websub.renewal({"lease": short, "expires": now + short}) == now + floor * 3 / 4
 
 
 def test_a_hub_granting_leases_too_short_to_use_cannot_make_the_feed_fetched_in_a_loop(start, feed_server):
@@ -2934,17 +2935,17 @@ def test_a_subscription_never_verified_is_reported_after_a_minute_and_asked_agai
         monkeypatch.setattr(longpoll.settings, "public_url", "http://127.0.0.1:1")
         f = longpoll.Feed(feeds.feed("/f.xml", hubbed(numbered(1, 2), silent.url)))
         assert f.check() == 60
-        assert longpoll.keep_pushed(f, 60) == 60            # asked; polled as usual meanwhile
+        assert websub.keep_pushed(f, 60, longpoll.settings, longpoll.store) == 60            # asked; polled as usual meanwhile
         assert len(silent.requests) == 1
-        assert longpoll.push_status(f, longpoll.store.subscriptions()[f.url])["state"] == "subscribing"
+        assert websub.push_status(f, longpoll.store.subscriptions()[f.url], longpoll.settings)["state"] == "subscribing"
         now = time.time()
-        monkeypatch.setattr(longpoll.time, "time", lambda: now + 30)
-        longpoll.keep_pushed(f, 60)
+        monkeypatch.setattr(websub.time, "time", lambda: now + 30)
+        websub.keep_pushed(f, 60, longpoll.settings, longpoll.store)
         assert len(silent.requests) == 1                    # not yet
-        monkeypatch.setattr(longpoll.time, "time", lambda: now + longpoll.VERIFY_WITHIN + 1)
-        state = longpoll.push_status(f, longpoll.store.subscriptions()[f.url])
+        monkeypatch.setattr(websub.time, "time", lambda: now + websub.VERIFY_WITHIN + 1)
+        state = websub.push_status(f, longpoll.store.subscriptions()[f.url], longpoll.settings)
         assert state["state"] == "polled" and "has not verified" in state["why"]
-        longpoll.keep_pushed(f, 60)
+        websub.keep_pushed(f, 60, longpoll.settings, longpoll.store)
         assert len(silent.requests) == 2                    # asked again, with the same callback
         assert silent.requests[1][0]["hub.callback"] == silent.requests[0][0]["hub.callback"]
     finally:
