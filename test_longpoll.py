@@ -36,6 +36,7 @@ import flags
 import frontdoor
 import presence
 import storage
+import wakeup
 import websub
 from conftest import FeedServer, Hub, RedisServer, Server, atom, free_port, hubbed, loopback, numbered, rss
 
@@ -149,7 +150,7 @@ def test_publish_wakes_nobody_before_the_hubs_next_turn():
 
 def test_a_publish_wakes_every_waiter_however_many_slices_it_takes():
     stream = memory_stream(10)
-    n = 2 * longpoll.WAKE_SLICE + 1         # two whole slices and one waiter more
+    n = 2 * wakeup.WAKE_SLICE + 1         # two whole slices and one waiter more
     waiters = [eventlet.spawn(stream.wait, 0, 30) for _ in range(n)]
     eventlet.sleep(0)
     assert stream.waiting == n
@@ -169,7 +170,7 @@ def test_polls_are_woken_oldest_wave_first_whatever_their_stream():
     def poll(stream, name):
         stream.wait(0, 30)
         order.append(name)
-    polls = [eventlet.spawn(poll, big, "big") for _ in range(3 * longpoll.WAKE_SLICE)]
+    polls = [eventlet.spawn(poll, big, "big") for _ in range(3 * wakeup.WAKE_SLICE)]
     polls.append(eventlet.spawn(poll, small, "small"))
     eventlet.sleep(0)
     big.publish({"body": "first"})
@@ -197,7 +198,7 @@ def test_a_request_arriving_during_a_wave_is_read_before_the_wave_ends():
     def reader():
         ours.recv(4)
         order.append("request read")
-    polls = [eventlet.spawn(poll) for _ in range(3 * longpoll.WAKE_SLICE)]
+    polls = [eventlet.spawn(poll) for _ in range(3 * wakeup.WAKE_SLICE)]
     reading = eventlet.spawn(reader)
     eventlet.sleep(0)
     stream.publish({"body": "hello"})
@@ -206,7 +207,7 @@ def test_a_request_arriving_during_a_wave_is_read_before_the_wave_ends():
             p.wait()
     ours.close()
     theirs.close()
-    assert order.index("request read") <= longpoll.WAKE_SLICE     # after the first slice at the latest
+    assert order.index("request read") <= wakeup.WAKE_SLICE     # after the first slice at the latest
 
 
 def test_wait_times_out_empty_at_the_same_cursor():
