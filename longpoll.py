@@ -84,21 +84,26 @@ settings = None     # main() parses the command line, once
 class Stream:
     """A bounded history of items with consecutive ids, and the clients waiting for the next.
 
-    Its store gives the ids and keeps the items (storage.Store in one process,
-    sharing.RedisStore for several) and hands each batch back to add()."""
+    The pattern is add() and wait(). Its store gives the ids and keeps the items
+    (storage.Store in one process, sharing.RedisStore for several, storage.Unkept
+    for a stream not stored) and hands each batch back to add(). The store is
+    asked one question after start: resolve(), about a cursor this process has
+    not seen. The rest of the class is caches, so that the thousands of polls
+    a publish wakes share one answer."""
 
     def __init__(self, key, store, history):
         self.key, self.store = key, store   # key: the list's name in a response, and in the store
         items, self.last_id = store.load(key)
         self.items = collections.deque(maxlen=history)
+        self.event = wakeup.Wakeup()        # what waiters wait on; sent, and replaced, by each add()
+        self.waiting = 0
+        self.closed = False
+        # Worked out once per publish for every poll, and forgotten at the next (keep()):
         self.encoded = collections.OrderedDict()    # id -> that item's JSON, encoded once for every answer
         self.answers = {}                           # answers given since the last publish, by what they hold
         self.pages = {}                             # since()'s results since the last publish, by cursor
         self.past = {}                              # answers of the chat's past since the last publish
         self.keep(items)
-        self.event = wakeup.Wakeup()
-        self.waiting = 0
-        self.closed = False
 
     def publish(self, *batch, **record):
         """Publish items (dicts of fields) with what the store keeps beside them (a chat
@@ -123,6 +128,64 @@ class Stream:
         event, self.event = self.event, wakeup.Wakeup()
         event.send()
 
+    def wait(self, cursor, timeout):
+        """Like since(), but wait up to timeout seconds for an item if there is none yet."""
+        # Take the Event before looking: a publish that lands between the look
+        # and the wait has sent this very Event, so the wait returns at once
+        # instead of missing the item (the lost wake-up). The look may yield
+        # (resolve() asks Redis), and this order is what makes that safe.
+        event = self.event
+        items, cursor_out, gap = self.since(cursor)
+        if items or gap or cursor_out != cursor or self.closed:
+            return items, cursor_out, gap
+        self.waiting += 1
+        try:
+            # A client that went away is noticed only when this returns, so the
+            # timeout bounds what an abandoned poll costs.
+            event.wait(timeout)
+        finally:
+            self.waiting -= 1
+        return self.since(cursor)
+
+    def since(self, cursor):
+        """(items newer than cursor, cursor to send next, whether items were dropped).
+        At most MAX_ANSWER_BYTES of them: then the cursor is the last one's, and
+        the client's next poll gets the rest at once."""
+        if cursor is not None and cursor > self.last_id:
+            issued = self.resolve(cursor)
+            if issued is not None:
+                # Issued elsewhere and on its way: wait for what follows. Or the
+                # store had lost it and gave a new id past it: told of the gap.
+                return [], issued, issued != cursor
+            if cursor > self.last_id:
+                cursor = None   # never issued (nor delivered while the store was asked): start over
+        # The thousands of polls a publish wakes ask with the same cursor: the
+        # page is worked out once for all of them (they only read it).
+        if cursor not in self.pages:
+            if len(self.pages) >= 64:
+                self.pages.clear()          # clients asking with every cursor there is cannot grow it
+            self.pages[cursor] = self.page(cursor)
+        return self.pages[cursor]
+
+    def resolve(self, cursor):
+        """The store's question, for a cursor above every id this process has seen:
+        the id to wait after if it was issued (by another process, or a new id the
+        store gave past one it lost), None if it never was. With Redis, a round trip."""
+        try:
+            return self.store.issued(self.key, cursor)
+        except storage.StoreError:
+            # Redis cannot say while it is down: wait, as for an id issued elsewhere,
+            # and ask again at the next look (a poll is never a 500 for it).
+            return cursor
+
+    def close(self):
+        """Answer every parked poll now and any later one at once (for shutdown)."""
+        self.closed = True
+        event, self.event = self.event, wakeup.Wakeup()
+        event.send()
+
+    # -- The caches: each answer worked out once per publish, for every poll --
+
     def keep(self, items):
         self.items.extend(items)
         self.answers.clear()
@@ -134,32 +197,6 @@ class Stream:
             self.encoded[item["id"]] = checks.json_bytes(item)
         while len(self.encoded) > len(self.items):
             self.encoded.popitem(last=False)        # the JSON of items the deque let go
-
-    def since(self, cursor):
-        """(items newer than cursor, cursor to send next, whether items were dropped).
-        At most MAX_ANSWER_BYTES of them: then the cursor is the last one's, and
-        the client's next poll gets the rest at once."""
-        if cursor is not None and cursor > self.last_id:
-            # An id this process has not seen: only the store knows whether it was issued.
-            try:
-                issued = self.store.issued(self.key, cursor)
-            except storage.StoreError:
-                # Redis cannot say while it is down: wait, as for an id issued elsewhere,
-                # and ask again at the next look (a poll is never a 500 for it).
-                issued = cursor
-            if issued is not None:
-                # Issued elsewhere and on its way: wait for what follows. Or the
-                # store had lost it and gave a new id past it: told of the gap.
-                return [], issued, issued != cursor
-        if cursor is not None and cursor > self.last_id:
-            cursor = None       # never issued: start over, as without a cursor
-        # The thousands of polls a publish wakes ask with the same cursor: the
-        # page is worked out once for all of them (they only read it).
-        if cursor not in self.pages:
-            if len(self.pages) >= 64:
-                self.pages.clear()          # clients asking with every cursor there is cannot grow it
-            self.pages[cursor] = self.page(cursor)
-        return self.pages[cursor]
 
     def page(self, cursor):
         if cursor is None:
@@ -194,30 +231,6 @@ class Stream:
             self.answers[key] = b'{"%s":[%s],"cursor":%d%s}' % (
                 self.key.encode(), listed, cursor, b',"gap":true' if gap else b"")
         return self.answers[key]
-
-    def wait(self, cursor, timeout):
-        """Like since(), but wait up to timeout seconds for an item if there is none yet."""
-        # Take the Event before looking: a publish that lands between the look
-        # and the wait has sent this very Event, so the wait returns at once
-        # instead of missing the item (the lost wake-up).
-        event = self.event
-        items, cursor_out, gap = self.since(cursor)
-        if items or gap or cursor_out != cursor or self.closed:
-            return items, cursor_out, gap
-        self.waiting += 1
-        try:
-            # A client that went away is noticed only when this returns, so the
-            # timeout bounds what an abandoned poll costs.
-            event.wait(timeout)
-        finally:
-            self.waiting -= 1
-        return self.since(cursor)
-
-    def close(self):
-        """Answer every parked poll now and any later one at once (for shutdown)."""
-        self.closed = True
-        event, self.event = self.event, wakeup.Wakeup()
-        event.send()
 
 
 # Every stream: its name (its row in /status), the key of its items, and whether
