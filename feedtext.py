@@ -1,16 +1,20 @@
-"""The cleaning of feed entries: a fetched or pushed body made into plain text.
+"""A feed fetched, and the cleaning of its entries: a body made into plain text.
 
 A feed is someone else's markup. What leaves this module is plain text and
 http(s) links only, so a page can show it without ever reading it as HTML.
-parse_feed() runs in an OS thread (eventlet.tpool), so nothing here touches
-anything shared. It uses the standard library and feedparser, nothing of the app."""
+fetch() bounds a fetch in time and size; parse_feed() runs in an OS thread
+(eventlet.tpool), so nothing here touches anything shared. It uses the
+standard library, eventlet and feedparser, nothing of the app."""
 
 import email.utils
 import html.parser
 import time
+import urllib.error
 import urllib.parse
+import urllib.request
 import zlib
 
+import eventlet
 import feedparser
 
 MAX_FEED_BYTES = 5 * 1024 * 1024  # per fetch, after decompression
@@ -23,6 +27,33 @@ class FetchError(Exception):
     def __init__(self, message, retry_after=0):
         super().__init__(message)
         self.retry_after = retry_after
+
+
+def fetch(url, etag, modified, timeout):
+    """(body, response headers) of the feed at url, or None if unchanged since the
+    fetch that gave these validators; a FetchError that says why if it cannot be had."""
+    headers = {"User-Agent": "longpoll/1.0 (+feed stream demo)", "Accept-Encoding": "gzip, deflate"}
+    if etag:
+        headers["If-None-Match"] = etag
+    if modified:
+        headers["If-Modified-Since"] = modified
+    request = urllib.request.Request(url, headers=headers)
+    # urlopen's timeout is per socket operation; the Timeout bounds the whole
+    # fetch, so a server that drips a byte a second is cut off too.
+    with eventlet.Timeout(timeout, FetchError(f"no complete answer within {timeout:g} s")):
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                body = response.read(MAX_FEED_BYTES + 1)
+                headers = response.headers
+        except urllib.error.HTTPError as e:
+            if e.code == 304:
+                return None
+            raise FetchError(f"HTTP {e.code} {e.reason}",
+                             retry_after=retry_after(e.headers.get("Retry-After"))) from None
+        except urllib.error.URLError as e:
+            reason = getattr(e.reason, "strerror", None) or e.reason
+            raise FetchError(f"cannot fetch: {reason}") from None
+    return decompress(body, headers.get("Content-Encoding", "")), headers
 
 
 def retry_after(value):

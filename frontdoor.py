@@ -15,6 +15,7 @@ import http.client
 import ipaddress
 import json
 import re
+import resource
 import socket
 import struct
 import sys
@@ -301,3 +302,35 @@ class Protocol(eventlet.wsgi.HttpProtocol):
 def protocol(settings):
     """The Protocol class that eventlet.wsgi.server() makes for each connection, with these flags."""
     return type("Protocol", (Protocol,), {"settings": settings})
+
+
+def open_files_limit():
+    """Raise the soft open-files limit to the hard one; return it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        return target
+    except (ValueError, OSError):
+        return soft
+
+
+def pool_size(reserve):
+    """How many connections eventlet may hold: below the open-files limit by reserve."""
+    # eventlet serves at most 1024 connections by default, idle keep-alives
+    # included, and its accept loop dies if it runs out of descriptors: size the
+    # pool from the open-files limit, below it.
+    max_clients = open_files_limit() - reserve
+    if max_clients < 10000:
+        print(f"longpoll: the open-files limit allows only {max_clients} clients", file=sys.stderr)
+    return max_clients
+
+
+def serve(sock, wsgi_app, settings, max_clients):
+    """Serve wsgi_app on the listening sock through this front door, in a green thread."""
+    return eventlet.spawn(
+        eventlet.wsgi.server, sock, wsgi_app, max_size=max_clients, protocol=protocol(settings),
+        log_output=settings.access_log, debug=False, capitalize_response_headers=False,
+        # Never socket.setdefaulttimeout(): it would apply to the listening
+        # socket too. These drop a client that is slow to send its request.
+        socket_timeout=settings.client_timeout, keepalive=settings.client_timeout)

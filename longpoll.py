@@ -32,19 +32,15 @@ import json
 import math
 import os
 import re
-import resource
 import signal
 import sys
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import bottle
 import eventlet.hubs
 import eventlet.tpool
-import eventlet.wsgi
 
 import checks
 import feedtext
@@ -487,29 +483,7 @@ class Feed:
 
     def fetch(self):
         """(body, response headers) of the feed, or None if unchanged since the last fetch."""
-        headers = {"User-Agent": "longpoll/1.0 (+feed stream demo)", "Accept-Encoding": "gzip, deflate"}
-        if self.etag:
-            headers["If-None-Match"] = self.etag
-        if self.modified:
-            headers["If-Modified-Since"] = self.modified
-        request = urllib.request.Request(self.url, headers=headers)
-        # urlopen's timeout is per socket operation; the Timeout bounds the whole
-        # fetch, so a server that drips a byte a second is cut off too.
-        with eventlet.Timeout(settings.fetch_timeout,
-                              feedtext.FetchError(f"no complete answer within {settings.fetch_timeout:g} s")):
-            try:
-                with urllib.request.urlopen(request, timeout=settings.fetch_timeout) as response:
-                    body = response.read(feedtext.MAX_FEED_BYTES + 1)
-                    headers = response.headers
-            except urllib.error.HTTPError as e:
-                if e.code == 304:
-                    return None
-                raise feedtext.FetchError(f"HTTP {e.code} {e.reason}",
-                                          retry_after=feedtext.retry_after(e.headers.get("Retry-After"))) from None
-            except urllib.error.URLError as e:
-                reason = getattr(e.reason, "strerror", None) or e.reason
-                raise feedtext.FetchError(f"cannot fetch: {reason}") from None
-        return feedtext.decompress(body, headers.get("Content-Encoding", "")), headers
+        return feedtext.fetch(self.url, self.etag, self.modified, settings.fetch_timeout)
 
     def take_in(self, title, entries, etag, modified):
         """Publish what is new in entries, fetched or pushed. A fetch and a push (or
@@ -651,17 +625,6 @@ bottle.TEMPLATE_PATH[:] = [str(HERE / "views")]
 # -- main() -------------------------------------------------------------------
 
 
-def open_files_limit():
-    """Raise the soft open-files limit to the hard one; return it."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        return target
-    except (ValueError, OSError):
-        return soft
-
-
 def main(argv=None):
     global settings, store, posting, streams, here
     settings = flags.parse_args(argv)
@@ -681,12 +644,7 @@ def main(argv=None):
     except storage.StoreError as e:
         where = f"--redis {settings.redis}" if settings.redis else f"--db {settings.db}"
         sys.exit(f"longpoll: {where}: {e}")
-    # eventlet serves at most 1024 connections by default, idle keep-alives
-    # included, and its accept loop dies if it runs out of descriptors: size the
-    # pool from the open-files limit, below it.
-    max_clients = open_files_limit() - FD_RESERVE
-    if max_clients < 10000:
-        print(f"longpoll: the open-files limit allows only {max_clients} clients", file=sys.stderr)
+    max_clients = frontdoor.pool_size(FD_RESERVE)
     # A tenth of the pool is kept from parked polls, for posts, pages and /status.
     parking.places = max_clients - max_clients // 10
 
@@ -709,12 +667,7 @@ def main(argv=None):
     host, port = sock.getsockname()[:2]
     # app.wsgi, not app: a call through Bottle.__call__ is one more C-level frame
     # in the stack every parked poll saves (measured: 0.7 KB a parked client).
-    server = eventlet.spawn(
-        eventlet.wsgi.server, sock, app.wsgi, max_size=max_clients, protocol=frontdoor.protocol(settings),
-        log_output=settings.access_log, debug=False, capitalize_response_headers=False,
-        # Never socket.setdefaulttimeout(): it would apply to the listening
-        # socket too. These drop a client that is slow to send its request.
-        socket_timeout=settings.client_timeout, keepalive=settings.client_timeout)
+    server = frontdoor.serve(sock, app.wsgi, settings, max_clients)
 
     # Ctrl-C or SIGTERM: the hub sleeps in epoll until its next timer, so the
     # signal writes to a pipe that the main green thread waits on, which wakes it at once.
