@@ -114,7 +114,7 @@ return '0'
 
 class RedisStore:
     """The store of a process that shares its streams with others through Redis:
-    storage.Store's interface, with the ids given by Redis."""
+    storage.Contract, with the ids given by Redis."""
 
     shared = True       # ids come from Redis, and follow() brings every item into memory
 

@@ -1796,6 +1796,28 @@ def test_an_address_with_all_its_polls_parked_can_still_post_and_hears_its_429(s
 # -- Durable streams: a SQLite file kept across restarts -----------------------
 
 
+# The store contract is written once (storage.Contract); each store has every
+# method of it, with the same parameters, so a method added to the app's
+# calls and missed in one store is found here, not in production.
+def test_every_store_meets_the_store_contract():
+    import inspect
+    import sharing
+
+    def parameters(method):        # after self; the contract's **record stands for each store's own extras
+        return [p.name for p in list(inspect.signature(method).parameters.values())[1:] if p.kind != p.VAR_KEYWORD]
+
+    def methods(cls):
+        return {name: parameters(value) for name, value in vars(cls).items()
+                if inspect.isfunction(value) and not name.startswith("_")}
+    stream_part = methods(storage.StreamContract)
+    contract = {**stream_part, **methods(storage.Contract)}
+    assert set(contract) >= {"load", "append", "issued", "posted", "page", "lease", "presence", "status"}
+    for store, wanted in ((storage.Store, contract), (sharing.RedisStore, contract), (storage.Unkept, stream_part)):
+        for name in wanted:
+            assert hasattr(store, name), (store, name)
+            assert parameters(getattr(store, name))[:len(wanted[name])] == wanted[name], (store, name)
+
+
 def restart(srv, start, *flags):
     """Stop a server (SIGTERM) and start another on the same flags."""
     assert "Traceback" not in srv.stop()
