@@ -1,17 +1,24 @@
 #!/usr/bin/env python3
 """longpoll: server push over plain HTTP long polling, with green threads.
 
-A browser asks a stream for what is newer than its cursor. If nothing is, the
-request simply waits -- an eventlet Event inside an ordinary Bottle handler --
-until something is published. Two streams share that one mechanism: the chat
-room and the feed stream, which green threads fill from Atom/RSS feeds.
+A browser asks a stream for what is newer than its cursor. If nothing is, the request
+simply waits -- an Event inside an ordinary Bottle handler -- until something is published.
+Three streams share that mechanism: the chat room, the feed stream, and who is here.
 
-How a posted message reaches a waiting browser is told once, in
-docs/walkthrough.md: post_message(), Stream.add(), Stream.wait() and updates().
+How a posted message reaches a waiting browser is told once, in docs/walkthrough.md:
+post_message(), Stream.publish() and its store, Stream.add(), Stream.wait(), stream_updates().
 
-The file reads top to bottom: configuration, the stream and the registry of
-streams, HTTP helpers, the chat routes, the feed poller, status and pages, the
-front door (eventlet's HTTP server, hardened against hostile clients), main().
+This file is the top of the house, read top to bottom: configuration, the
+stream and the registry of streams, the polls, the chat, who is here, the feed
+poller, push from WebSub hubs, status and pages, main(). main() builds each
+part and hands it what it needs; no part imports this file:
+  frontdoor.py  eventlet's HTTP server, hardened against hostile clients
+  checks.py     the checks every route shares: errors, addresses, bodies, limits
+  flags.py      the command line        wakeup.py    the Event, sent a slice at a time
+  presence.py   who is here             websub.py    push from WebSub hubs
+  feedtext.py   a feed fetched, made plain text          metrics.py   GET /metrics
+  storage.py    the store contract; the store of one process (SQLite)
+  sharing.py    the store of several processes (Redis)
 """
 
 # eventlet says on import that it is in bugfix-only maintenance; the README
@@ -71,8 +78,13 @@ FETCH_CONCURRENCY = 20          # fetches in flight at once, whatever the number
 MAX_BACKOFF = 3600              # seconds between tries of a failing feed, at most
 FD_RESERVE = 64 + 2 * FETCH_CONCURRENCY  # descriptors kept free of client connections
 
-
-settings = None     # main() parses the command line, once
+# What main() builds, once. Only this file reads them; each part is handed what it needs.
+settings = None     # the command line (flags.parse_args())
+store = None        # the store of the kept streams: the --db, or --redis
+streams = {}        # name -> Stream (open_streams())
+posting = None      # posts' flood control: a TokenBucket, or with --redis sharing.RedisBuckets for every process
+here = None         # a presence.Presence: the browsers here
+feeds = []          # a Feed for each --feed
 
 # -- The stream ---------------------------------------------------------------
 
@@ -238,7 +250,6 @@ STREAMS = {
     "feed": ("entries", "stored"),
     "presence": ("presence", "not stored"),  # snapshots: ids given by this process, nothing kept
 }
-streams = {}        # name -> Stream; main() opens them with open_streams()
 
 
 def open_streams(store, history):
@@ -261,12 +272,38 @@ app.add_hook("before_request", lambda: checks.request_begins(settings))
 app.add_hook("after_request", checks.safe_headers)
 parking = checks.Parking()  # polls parked now, per address; main() sets how many may park
 
+# -- The polls ----------------------------------------------------------------
+
+
+def updates(stream, cursor):
+    with parking.parked(settings):
+        items, cursor, gap = stream.wait(cursor, settings.poll_timeout)
+    metrics.answered(stream.key, gap)
+    checks.no_store()
+    bottle.response.content_type = "application/json"
+    return stream.answer(items, cursor, gap)
+
+
+# Not through Bottle's JSON plugin: the answer is JSON already, and one call less
+# in each parked poll's stack is less to save and restore at every switch.
+@app.get("/<name>/updates", skip=["json"])
+def stream_updates(name):
+    if name not in streams:
+        checks.fail(404, f"no stream named {name}")
+    cursor = checks.parse_cursor()
+    # A chat poll may say which browser polls: every poll is a heartbeat.
+    browser = here.arrive() if name == "chat" else None
+    try:
+        return updates(streams[name], cursor)
+    finally:
+        if browser:
+            here.depart(browser)
+
+
 # -- The chat -----------------------------------------------------------------
 
 
-posting = None      # main(): a TokenBucket, or with --redis sharing.RedisBuckets for every process
 reading_past = checks.TokenBucket()    # pages of the chat's past, per address
-store = None        # main() opens the --db, or --redis
 
 
 @app.post("/chat/messages")
@@ -342,8 +379,6 @@ def past_answer(past, more):
 
 # -- Who is here ---------------------------------------------------------------
 # The browsers present are worked out in presence.py; here are its routes.
-
-here = None         # main(): a presence.Presence, the browsers here
 
 
 @app.get("/presence")
@@ -523,9 +558,6 @@ class Feed:
             title, etag, modified, state["entries"], seen, saved)
 
 
-feeds = []      # main() fills it from the command line
-
-
 # -- Push from WebSub hubs ----------------------------------------------------
 # Subscribing, renewing and taking pushes in is websub.py's; here are its routes.
 
@@ -541,32 +573,6 @@ def hub_pushes(token):
 
 
 # -- Status and pages ---------------------------------------------------------
-
-
-def updates(stream, cursor):
-    with parking.parked(settings):
-        items, cursor, gap = stream.wait(cursor, settings.poll_timeout)
-    metrics.answered(stream.key, gap)
-    checks.no_store()
-    bottle.response.content_type = "application/json"
-    return stream.answer(items, cursor, gap)
-
-
-
-# Not through Bottle's JSON plugin: the answer is JSON already, and one call less
-# in each parked poll's stack is less to save and restore at every switch.
-@app.get("/<name>/updates", skip=["json"])
-def stream_updates(name):
-    if name not in streams:
-        checks.fail(404, f"no stream named {name}")
-    cursor = checks.parse_cursor()
-    # A chat poll may say which browser polls: every poll is a heartbeat.
-    browser = here.arrive() if name == "chat" else None
-    try:
-        return updates(streams[name], cursor)
-    finally:
-        if browser:
-            here.depart(browser)
 
 
 @app.get("/status")

@@ -32,7 +32,7 @@ LEASE_ASKED = 10 * 86400        # seconds of WebSub lease asked of a hub; the hu
 PUSHED_INTERVAL = 3600          # while a hub pushes a feed, it is still polled this often, in case a push is lost
 LEASE_FLOOR = 300               # seconds: a shorter lease a hub grants is renewed as if it were this long
 VERIFY_WITHIN = 60              # seconds a hub has to verify a subscription before it is reported and asked again
-ASK_AGAIN = 3600                # seconds before a refused subscription is asked for again (a failing feed's longest backoff)
+ASK_AGAIN = 3600                # seconds before a refused subscription is asked again (as a failing feed's backoff)
 
 
 def discover(link_headers, links, url):
