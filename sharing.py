@@ -95,7 +95,7 @@ redis.call('SET', KEYS[1], string.format('%d', now))
 return now
 """
 
-# The token bucket of TokenBucket in longpoll.py, written again in Lua because
+# checks.TokenBucket, written again in Lua because
 # several processes must read and update one address's bucket in one step,
 # which on Redis only a script does; on Redis's clock, shared by all.
 # KEYS: bucket; ARGV: rate, burst. Returns seconds to wait as a string (0: posted).
@@ -249,7 +249,7 @@ class RedisStore:
         self.call(self.redis.hset, PREFIX + "subscriptions", url, json.dumps(record), writes=True)
 
     def presence(self, mine, leaves):
-        """Share this process's present browsers (longpoll.Presence.mine()) and hear
+        """Share this process's present browsers (presence.Presence.mine()) and hear
         every process's, with every leave. Each process keeps its own hash, which
         lapses if the process dies; the browser ids stay in Redis."""
         now = time.time()
