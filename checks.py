@@ -2,9 +2,11 @@
 
 A refusal is fail(): a JSON error (a short page for a browser) that changes
 nothing. Here are the Host check against DNS rebinding, the client's address
-as the limits count it, the cap on parked polls, and the reading of a body,
-a JSON object, a text field and a cursor. Each is handed the settings it
-reads; this module uses Bottle, the front door and metrics, nothing of the app."""
+as the limits count it, the cap on parked polls (Parking), the token buckets
+of flood control, the reading of a body, a JSON object, a text field and a
+cursor, and json_bytes(), the JSON of every answer. Each is handed the
+settings it reads; this module uses Bottle, the front door and metrics,
+nothing of the app."""
 
 import collections
 import contextlib
