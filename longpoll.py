@@ -241,10 +241,9 @@ class Stream:
         return self.answers[key]
 
 
-# Every stream: its name (its row in /status), the key of its items, and whether
-# the store keeps them. Creating, loading, delivering, closing and /status go
-# through this one list, and a stream's polls too: /NAME/updates for a stream
-# of items, and /presence/updates for the snapshots of who is here.
+# Every stream: its name (its /NAME/updates and its row in /status), the key of its
+# items, and whether the store keeps them. Creating, loading, delivering, following,
+# closing, /status and the polls go through this list (presence polls /presence/updates).
 STREAMS = {
     "chat": ("messages", "stored"),         # ids and items kept by the store (--db, or --redis)
     "feed": ("entries", "stored"),
@@ -276,6 +275,7 @@ parking = checks.Parking()  # polls parked now, per address; main() sets how man
 
 
 def updates(stream, cursor):
+    """A poll: parked (and counted) until the stream has news for cursor or the timeout, then answered."""
     with parking.parked(settings):
         items, cursor, gap = stream.wait(cursor, settings.poll_timeout)
     metrics.answered(stream.key, gap)
@@ -462,7 +462,7 @@ class Feed:
         hurry = False       # woken by its hub's denial: no longer pushed, so fetched at once
         while True:
             # Taken before the check, as Stream.wait() takes its Event before looking:
-            # a wake() that lands while the check yields sends this one, not a lost one.
+            # a websub.wake() that lands while the check yields sends this one, not a lost one.
             woken = self.wake = eventlet.Event()
             try:
                 # With several processes on one Redis, the one holding a feed's
