@@ -39,7 +39,7 @@ def parse_args(argv=None):
                    help="SQLite file keeping the history, feed state and posted client_ids across "
                         "restarts (default: %(default)s; :memory: keeps nothing)")
     p.add_argument("--redis", metavar="URL",
-                   help="share both streams with every process given the same Redis, e.g. "
+                   help="share the chat, the feed and who is here with every process given the same Redis, e.g. "
                         "redis://127.0.0.1:6379/0; it keeps what --db keeps otherwise, and no file is opened")
     p.add_argument("--client-timeout", type=positive, default=30.0, metavar="SECONDS",
                    help="drop a client that takes longer than this to send a whole request (line, headers "

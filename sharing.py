@@ -1,4 +1,4 @@
-"""Several longpoll processes sharing both streams through one Redis (--redis URL).
+"""Several longpoll processes sharing their streams through one Redis (--redis URL).
 
 Redis takes the place of the SQLite file, and one thing more: it tells every
 process of every item, whichever process published it.
