@@ -56,7 +56,7 @@ class App:
             flags += ("--db", db or os.path.join(self.folder.name, "longpoll.db"))
             command = [str(HERE / "longpoll.py"), *flags]
             if wake_slice:          # polls a publish wakes per turn of the hub, for --wake-slice
-                command = ["-c", "import sys, longpoll; longpoll.WAKE_SLICE = int(sys.argv.pop(1)); "
+                command = ["-c", "import sys, longpoll, wakeup; wakeup.WAKE_SLICE = int(sys.argv.pop(1)); "
                                  "longpoll.main(sys.argv[1:])", str(wake_slice), *flags]
         self.proc = subprocess.Popen(
             [sys.executable, *command, *(() if "--port" in flags else ("--port", "0"))],

@@ -1,17 +1,24 @@
 #!/usr/bin/env python3
 """longpoll: server push over plain HTTP long polling, with green threads.
 
-A browser asks a stream for what is newer than its cursor. If nothing is, the
-request simply waits -- an eventlet Event inside an ordinary Bottle handler --
-until something is published. Two streams share that one mechanism: the chat
-room and the feed stream, which green threads fill from Atom/RSS feeds.
+A browser asks a stream for what is newer than its cursor. If nothing is, the request
+simply waits -- an Event inside an ordinary Bottle handler -- until something is published.
+Three streams share that mechanism: the chat room, the feed stream, and who is here.
 
-How a posted message reaches a waiting browser is told once, in
-docs/walkthrough.md: post_message(), Stream.add(), Stream.wait() and updates().
+How a posted message reaches a waiting browser is told once, in docs/walkthrough.md:
+post_message(), Stream.publish() and its store, Stream.add(), Stream.wait(), stream_updates().
 
-The file reads top to bottom: configuration, the stream and the registry of
-streams, HTTP helpers, the chat routes, the feed poller, status and pages, the
-front door (eventlet's HTTP server, hardened against hostile clients), main().
+This file is the top of the house, read top to bottom: configuration, the
+stream and the registry of streams, the polls, the chat, who is here, the feed
+poller, push from WebSub hubs, status and pages, main(). main() builds each
+part and hands it what it needs; no part imports this file:
+  frontdoor.py  eventlet's HTTP server, hardened against hostile clients
+  checks.py     the checks every route shares: errors, addresses, bodies, limits
+  flags.py      the command line        wakeup.py    the Event, sent a slice at a time
+  presence.py   who is here             websub.py    push from WebSub hubs
+  feedtext.py   a feed fetched, made plain text          metrics.py   GET /metrics
+  storage.py    the store contract; the store of one process (SQLite)
+  sharing.py    the store of several processes (Redis)
 """
 
 # eventlet says on import that it is in bugfix-only maintenance; the README
@@ -24,368 +31,87 @@ import eventlet
 # own reference to a blocking call would stop every green thread while it waits.
 eventlet.monkey_patch()
 
-import argparse
-import base64
 import collections
-import contextlib
-import contextvars
-import email.utils
-import fcntl
 import functools
 import gc
-import hashlib
-import hmac
-import html.parser
-import http.client
-import ipaddress
 import itertools
 import json
 import math
 import os
 import re
-import resource
-import secrets
 import signal
-import socket
-import struct
 import sys
-import termios
 import time
-import unicodedata
-import urllib.error
 import urllib.parse
-import urllib.request
-import xml.etree.ElementTree
-import zlib
 from pathlib import Path
 
 import bottle
 import eventlet.hubs
 import eventlet.tpool
-import eventlet.wsgi
-import feedparser
-import httptools
 
+import checks
+import feedtext
+import flags
+import frontdoor
 import metrics
+import presence
 import sharing
 import storage
+import wakeup
+import websub
 
-
-def green_local(name):
-    """A property whose value is the current green thread's own."""
-    # Every greenlet has a contextvars context of its own: read in C. (eventlet's
-    # patched threading.local goes through a weak-key dictionary: about 1 us a
-    # read, dozens a request, and a dictionary per local kept by each parked poll.)
-    var = contextvars.ContextVar(name)
-    return property(lambda _: var.get(), lambda _, value: var.set(value))
-
-
-# Bottle keeps the request and response being handled in threading.locals, and
-# eventlet.wsgi one flag. All green threads share one OS thread: were these per
-# OS thread, a woken poll would answer with whichever request arrived last.
-bottle.LocalRequest.environ = green_local("bottle.request.environ")
-for _name in ("_status_line", "_status_code", "_cookies", "_headers", "body"):
-    setattr(bottle.LocalResponse, _name, green_local(f"bottle.response.{_name}"))
-
-
-class WsgiLocal:
-    already_handled = green_local("eventlet.wsgi.already_handled")
-
-
-eventlet.wsgi.WSGI_LOCAL = WsgiLocal()
 
 HERE = Path(__file__).resolve().parent
 
 # -- Configuration ------------------------------------------------------------
 
-DEFAULT_FEEDS = [
-    "https://news.ycombinator.com/rss",
-    "https://feeds.bbci.co.uk/news/world/rss.xml",
-    "https://blog.python.org/feeds/posts/default",
-    "https://github.blog/feed/",
-]
-MAX_BODY_BYTES = 64 * 1024      # a POST larger than this is refused with 413
-DISCARD_FACTOR = 4              # a body over its limit is read and dropped up to this many times it; more is cut unread
 MAX_ANSWER_BYTES = 256 * 1024   # of history in one answer; a client catching up asks again for the rest
-MAX_HISTORY = 10_000            # --history at most: every kept item is in memory, twice (fields and JSON)
 MAX_PAGE = 200                  # messages in one page of the chat's past (GET /chat/messages), at most
 PAST_RATE = 5.0                 # pages of the chat's past one address may ask a second, over time
 PAST_BURST = 60                 # and at once: a page that fills a long gap asks dozens in a row
-PRESENCE_TICK = 0.5             # who is here is worked out this often: a wave of joins is a few snapshots
-LEAVE_DELAY = 1.5               # a browser that said it left is gone after this, unless it polls again (a reload)
-MAX_HEADERS = 100               # header lines in a request, at most (as http.server)
-MAX_HERE = 100                  # nicks listed in a presence snapshot, at most
-LEAVE_RATE = 2.0                # leaves one address may send a second, over time
-LEAVE_BURST = 20                # and at once: an office's browsers closing together
 MAX_MESSAGE_CHARS = 2000
-MAX_NICK_CHARS = 32
 MAX_CLIENT_ID_CHARS = 64
-MAX_FEED_BYTES = 5 * 1024 * 1024  # per fetch, after decompression
 FIRST_FETCH_ENTRIES = 5         # a feed's first fetch publishes only its newest few
 MAX_NEW_PER_FETCH = 30          # a feed that renews every id at once is a bounded burst
 SEEN_PER_FEED = 1000            # dedupe memory per feed, beyond the current fetch
-SUMMARY_CHARS = 400
 FETCH_CONCURRENCY = 20          # fetches in flight at once, whatever the number of feeds
 MAX_BACKOFF = 3600              # seconds between tries of a failing feed, at most
-LEASE_ASKED = 10 * 86400        # seconds of WebSub lease asked of a hub; the hub grants what it will
-PUSHED_INTERVAL = 3600          # while a hub pushes a feed, it is still polled this often, in case a push is lost
-LEASE_FLOOR = 300               # seconds: a shorter lease a hub grants is renewed as if it were this long
-VERIFY_WITHIN = 60              # seconds a hub has to verify a subscription before it is reported and asked again
-# Bidirectional-text controls: in a nick they could reverse what follows it and
-# impersonate someone; the pages isolate each text, but a nick may not have them.
-BIDI_CONTROLS = set("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 FD_RESERVE = 64 + 2 * FETCH_CONCURRENCY  # descriptors kept free of client connections
 
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        prog="longpoll.py",
-        description="A chat room and a live feed stream delivered by HTTP long polling.")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (default: %(default)s; 0.0.0.0 for every interface)")
-    p.add_argument("--port", type=port_number, default=8080,
-                   help="port to listen on (default: %(default)s; 0 picks a free one)")
-    p.add_argument("--poll-timeout", type=positive, default=25.0, metavar="SECONDS",
-                   help="how long a poll waits for news before answering empty (default: %(default)s)")
-    p.add_argument("--history", type=history_size, default=200, metavar="N",
-                   help=f"items kept per stream for clients that catch up (default: %(default)s; "
-                        f"at most {MAX_HISTORY})")
-    p.add_argument("--keep", type=count, default=10_000, metavar="N",
-                   help="items the store keeps per stream, for the chat's past (GET /chat/messages); "
-                        "at least --history (default: %(default)s)")
-    p.add_argument("--db", default="longpoll.db", metavar="PATH",
-                   help="SQLite file keeping the history, feed state and posted client_ids across "
-                        "restarts (default: %(default)s; :memory: keeps nothing)")
-    p.add_argument("--redis", metavar="URL",
-                   help="share both streams with every process given the same Redis, e.g. "
-                        "redis://127.0.0.1:6379/0; it keeps what --db keeps otherwise, and no file is opened")
-    p.add_argument("--client-timeout", type=positive, default=30.0, metavar="SECONDS",
-                   help="drop a client that takes longer than this to send a whole request (line, headers "
-                        "and body), or idles that long between requests; a parked poll is not counted "
-                        "(default: %(default)s)")
-    p.add_argument("--connections-per-address", type=count, metavar="N",
-                   help="connections one client address may hold open, whatever they are doing; more are "
-                        "closed at once. Above --polls-per-address, so that an address with all its polls "
-                        "parked can still post, load pages and hear its 429 (default: twice "
-                        "--polls-per-address; a --trusted-proxy is not limited)")
-    p.add_argument("--presence-grace", type=positive, default=10.0, metavar="SECONDS",
-                   help="how long a browser stays present after its last chat poll ended "
-                        "(default: %(default)s)")
-    p.add_argument("--present-per-address", type=count, default=20, metavar="N",
-                   help="browsers one client address may make present in who is here; more are served, "
-                        "not counted (default: %(default)s)")
-    p.add_argument("--post-rate", type=positive, default=2.0, metavar="PER_SECOND",
-                   help="chat messages per second one client address may post over time (default: %(default)s)")
-    p.add_argument("--post-burst", type=count, default=10, metavar="N",
-                   help="messages one client address may post at once, before --post-rate applies "
-                        "(default: %(default)s)")
-    p.add_argument("--polls-per-address", type=count, default=1000, metavar="N",
-                   help="long polls one client address may keep parked at once; more get 429 "
-                        "(default: %(default)s, room for an office behind one NAT address)")
-    p.add_argument("--trusted-proxy", action="append", default=[], metavar="ADDRESS",
-                   help="a reverse proxy whose X-Forwarded-For, X-Forwarded-Host and X-Forwarded-Proto "
-                        "are believed (repeatable)")
-    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
-                   help="a Host name answered when listening on a loopback address, beside localhost and "
-                        "loopback addresses, which are always (repeatable)")
-    p.add_argument("--feed", action="append", default=[], metavar="URL", type=http_url,
-                   help="an Atom or RSS feed to poll (repeatable)")
-    p.add_argument("--feeds", metavar="FILE",
-                   help="a file of feed URLs, one per line with # comments, or an OPML export")
-    p.add_argument("--feed-interval", type=at_least_one, default=300.0, metavar="SECONDS",
-                   help="time between checks of each feed (default: %(default)s; at least 1)")
-    p.add_argument("--fetch-timeout", type=positive, default=20.0, metavar="SECONDS",
-                   help="longest one feed fetch may take, start to end (default: %(default)s)")
-    p.add_argument("--public-url", type=http_url, metavar="URL",
-                   help="where WebSub hubs reach this server, e.g. https://chat.example; with it, a feed "
-                        "that names a hub is pushed within a second instead of polled (default: poll only)")
-    p.add_argument("--hub", type=http_url, metavar="URL",
-                   help="a WebSub hub to subscribe every feed through, such as Superfeedr's; user:password@ "
-                        "in the URL is sent as HTTP Basic auth and never shown (needs --public-url)")
-    p.add_argument("--metrics-from", action="append", default=[], metavar="ADDRESS", type=metrics.network,
-                   help="an address or network (10.0.0.0/8) whose clients may read /metrics, beside loopback "
-                        "clients and --trusted-proxy (repeatable)")
-    p.add_argument("--access-log", action="store_true",
-                   help="log every request to stderr (costly with thousands of clients)")
-    args = p.parse_args(argv)
-    if args.feeds:
-        try:
-            args.feed += read_feed_list(Path(args.feeds).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, xml.etree.ElementTree.ParseError) as e:
-            p.error(f"--feeds {args.feeds}: {e}")
-    elif not args.feed:
-        args.feed = list(DEFAULT_FEEDS)
-    if args.keep < args.history:
-        p.error(f"--keep {args.keep} is below --history {args.history}: the store must keep at least "
-                "what memory serves to catching-up polls")
-    if args.connections_per_address is None:
-        args.connections_per_address = 2 * args.polls_per_address
-    elif args.connections_per_address <= args.polls_per_address:
-        # Else the poll over the cap is closed unread, not told 429, and the address can post nothing.
-        p.error(f"--connections-per-address {args.connections_per_address} must be above --polls-per-address "
-                f"{args.polls_per_address}: the room between them is for the address's posts and pages")
-    if args.hub and not args.public_url:
-        p.error("--hub needs --public-url: the hub pushes to this server's public address")
-    if args.public_url:
-        args.public_url = args.public_url.rstrip("/")
-    return args
-
-
-def positive(text):
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0, not {text}")
-    return value
-
-
-def at_least_one(text):
-    value = float(text)
-    if not value >= 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {text}")
-    return value
-
-
-def count(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {text}")
-    return value
-
-
-def history_size(text):
-    value = count(text)
-    if value > MAX_HISTORY:
-        raise argparse.ArgumentTypeError(f"must be at most {MAX_HISTORY} (each item kept is held in memory), "
-                                         f"not {text}")
-    return value
-
-
-def port_number(text):
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be 0 to 65535, not {text}")
-    return value
-
-
-def http_url(text):
-    if urllib.parse.urlsplit(text).scheme not in ("http", "https"):
-        raise argparse.ArgumentTypeError(f"not an http(s) URL: {text}")
-    return text
-
-
-def read_feed_list(text):
-    """Feed URLs from a plain list (one a line, # comments) or an OPML export."""
-    if text.lstrip().startswith("<"):
-        root = xml.etree.ElementTree.fromstring(text)
-        urls = [o.get("xmlUrl") for o in root.iter("outline") if o.get("xmlUrl")]
-    else:
-        urls = [line.split("#", 1)[0].strip() for line in text.splitlines()]
-    return [http_url(u) for u in urls if u]
-
-
-settings = None     # main() parses the command line, once
+# What main() builds, once. Only this file reads them; each part is handed what it needs.
+settings = None     # the command line (flags.parse_args())
+store = None        # the store of the kept streams: the --db, or --redis
+streams = {}        # name -> Stream (open_streams())
+posting = None      # posts' flood control: a TokenBucket, or with --redis sharing.RedisBuckets for every process
+here = None         # a presence.Presence: the browsers here
+feeds = []          # a Feed for each --feed
 
 # -- The stream ---------------------------------------------------------------
-
-
-# Parked polls woken in one turn of eventlet's hub, before the hub reads its
-# sockets again (Wakeup.wake_slice()). Measured in bench.py --busy: see docs/performance.md.
-WAKE_SLICE = 50
-
-
-class Wakeup:
-    """What a stream's parked polls wait on until the next publish: like eventlet's
-    Event (sent once, ready ever after), except that the waiters it wakes join
-    one queue, shared by every stream, that the hub works through WAKE_SLICE
-    waiters per turn.
-
-    Why: Event.send() makes every waiter due in the same pass of the hub's timers,
-    and the hub reads no socket until that pass is over. With clients re-polling
-    at once, as in a busy room, waves follow each other, and a POST, or a new
-    visitor's first request, waited out a whole fan-out. Between slices the hub
-    reads what came in: 3,000 clients re-polling, 5 posts a second, 2 shared
-    cores: POST p99 34 ms against 3.8 s, delivery p99 1.6 s against 2.5 s
-    (bench.py --busy; docs/performance.md, also for what it cost on a more
-    loaded box, and slices of 200: far less gain). One queue, oldest first,
-    not a slice of each wave per turn: waves sliced side by side each got a
-    slice per turn however many polls they held, and the big ones starved (47 %
-    delivered in time at 3,000 clients, delivery p99 7 s)."""
-
-    queue = collections.deque()     # (Wakeup, waiter) to wake, oldest first; (Wakeup, None) ends a wave
-    draining = False                # a turn of the hub will take the next slice
-
-    def __init__(self):
-        self.sent, self.parked = False, set()
-
-    def ready(self):
-        return self.sent
-
-    def wait(self, timeout):
-        """Park the calling green thread until send(), or for timeout seconds."""
-        if self.sent:
-            return
-        me, hub = eventlet.getcurrent(), eventlet.hubs.get_hub()
-        self.parked.add(me)
-        timer = hub.schedule_call_local(timeout, self.wake, me)
-        try:
-            hub.switch()
-        finally:
-            timer.cancel()
-            self.parked.discard(me)
-
-    def wake(self, waiter):
-        if waiter in self.parked:       # else it is gone already: timed out, or its client left
-            waiter.switch()
-
-    def send(self):
-        """Wake every waiter, from the hub's next turn on: whoever published is answered first."""
-        self.sent_at = time.perf_counter()
-        eventlet.hubs.get_hub().schedule_call_global(0, self.wake_all)
-
-    def wake_all(self):
-        self.sent = True
-        if self.parked:
-            Wakeup.queue.extend((self, waiter) for waiter in self.parked)
-            Wakeup.queue.append((self, None))
-        if not Wakeup.draining:
-            Wakeup.draining = True
-            Wakeup.wake_slice()
-
-    @staticmethod
-    def wake_slice():
-        # In a timer, so in the hub's own greenlet: a woken poll that blocks
-        # (on its next read) switches back here, and the next one is woken.
-        # The rest waits for the hub's next turn, after its sockets.
-        queue = Wakeup.queue
-        taken = [queue.popleft() for _ in range(min(WAKE_SLICE, len(queue)))]
-        Wakeup.draining = bool(queue)
-        if queue:
-            eventlet.hubs.get_hub().schedule_call_global(0, Wakeup.wake_slice)
-        for wakeup, waiter in taken:
-            if waiter is None:
-                metrics.wave(time.perf_counter() - wakeup.sent_at)
-            else:
-                wakeup.wake(waiter)
 
 
 class Stream:
     """A bounded history of items with consecutive ids, and the clients waiting for the next.
 
-    Its store gives the ids and keeps the items (storage.Store in one process,
-    sharing.RedisStore for several) and hands each batch back to add()."""
+    The pattern is add() and wait(). Its store gives the ids and keeps the items
+    (storage.Store in one process, sharing.RedisStore for several, storage.Unkept
+    for a stream not stored) and hands each batch back to add(). The store is
+    asked one question after start: resolve(), about a cursor this process has
+    not seen. The rest of the class is caches, so that the thousands of polls
+    a publish wakes share one answer."""
 
     def __init__(self, key, store, history):
         self.key, self.store = key, store   # key: the list's name in a response, and in the store
         items, self.last_id = store.load(key)
         self.items = collections.deque(maxlen=history)
+        self.event = wakeup.Wakeup()        # what waiters wait on; sent, and replaced, by each add()
+        self.waiting = 0
+        self.closed = False
+        # Worked out once per publish for every poll, and forgotten at the next (keep()):
         self.encoded = collections.OrderedDict()    # id -> that item's JSON, encoded once for every answer
         self.answers = {}                           # answers given since the last publish, by what they hold
         self.pages = {}                             # since()'s results since the last publish, by cursor
         self.past = {}                              # answers of the chat's past since the last publish
         self.keep(items)
-        self.event = Wakeup()
-        self.waiting = 0
-        self.closed = False
 
     def publish(self, *batch, **record):
         """Publish items (dicts of fields) with what the store keeps beside them (a chat
@@ -407,8 +133,66 @@ class Stream:
         metrics.published[self.key] += len(items)
         # A Wakeup is sent only once: swap in a fresh one, then send the old one,
         # which wakes every current waiter, a slice per turn of the hub.
-        event, self.event = self.event, Wakeup()
+        event, self.event = self.event, wakeup.Wakeup()
         event.send()
+
+    def wait(self, cursor, timeout):
+        """Like since(), but wait up to timeout seconds for an item if there is none yet."""
+        # Take the Event before looking: a publish that lands between the look
+        # and the wait has sent this very Event, so the wait returns at once
+        # instead of missing the item (the lost wake-up). The look may yield
+        # (resolve() asks Redis), and this order is what makes that safe.
+        event = self.event
+        items, cursor_out, gap = self.since(cursor)
+        if items or gap or cursor_out != cursor or self.closed:
+            return items, cursor_out, gap
+        self.waiting += 1
+        try:
+            # A client that went away is noticed only when this returns, so the
+            # timeout bounds what an abandoned poll costs.
+            event.wait(timeout)
+        finally:
+            self.waiting -= 1
+        return self.since(cursor)
+
+    def since(self, cursor):
+        """(items newer than cursor, cursor to send next, whether items were dropped).
+        At most MAX_ANSWER_BYTES of them: then the cursor is the last one's, and
+        the client's next poll gets the rest at once."""
+        if cursor is not None and cursor > self.last_id:
+            issued = self.resolve(cursor)
+            if issued is not None:
+                # Issued elsewhere and on its way: wait for what follows. Or the
+                # store had lost it and gave a new id past it: told of the gap.
+                return [], issued, issued != cursor
+            if cursor > self.last_id:
+                cursor = None   # never issued (nor delivered while the store was asked): start over
+        # The thousands of polls a publish wakes ask with the same cursor: the
+        # page is worked out once for all of them (they only read it).
+        if cursor not in self.pages:
+            if len(self.pages) >= 64:
+                self.pages.clear()          # clients asking with every cursor there is cannot grow it
+            self.pages[cursor] = self.page(cursor)
+        return self.pages[cursor]
+
+    def resolve(self, cursor):
+        """The store's question, for a cursor above every id this process has seen:
+        the id to wait after if it was issued (by another process, or a new id the
+        store gave past one it lost), None if it never was. With Redis, a round trip."""
+        try:
+            return self.store.issued(self.key, cursor)
+        except storage.StoreError:
+            # Redis cannot say while it is down: wait, as for an id issued elsewhere,
+            # and ask again at the next look (a poll is never a 500 for it).
+            return cursor
+
+    def close(self):
+        """Answer every parked poll now and any later one at once (for shutdown)."""
+        self.closed = True
+        event, self.event = self.event, wakeup.Wakeup()
+        event.send()
+
+    # -- The caches: each answer worked out once per publish, for every poll --
 
     def keep(self, items):
         self.items.extend(items)
@@ -418,35 +202,9 @@ class Stream:
         # this publish is then kept in the old one, which nobody reads any more.
         self.past = {}
         for item in items:
-            self.encoded[item["id"]] = json_bytes(item)
+            self.encoded[item["id"]] = checks.json_bytes(item)
         while len(self.encoded) > len(self.items):
             self.encoded.popitem(last=False)        # the JSON of items the deque let go
-
-    def since(self, cursor):
-        """(items newer than cursor, cursor to send next, whether items were dropped).
-        At most MAX_ANSWER_BYTES of them: then the cursor is the last one's, and
-        the client's next poll gets the rest at once."""
-        if cursor is not None and cursor > self.last_id:
-            # An id this process has not seen: only the store knows whether it was issued.
-            try:
-                issued = self.store.issued(self.key, cursor)
-            except storage.StoreError:
-                # Redis cannot say while it is down: wait, as for an id issued elsewhere,
-                # and ask again at the next look (a poll is never a 500 for it).
-                issued = cursor
-            if issued is not None:
-                # Issued elsewhere and on its way: wait for what follows. Or the
-                # store had lost it and gave a new id past it: told of the gap.
-                return [], issued, issued != cursor
-        if cursor is not None and cursor > self.last_id:
-            cursor = None       # never issued: start over, as without a cursor
-        # The thousands of polls a publish wakes ask with the same cursor: the
-        # page is worked out once for all of them (they only read it).
-        if cursor not in self.pages:
-            if len(self.pages) >= 64:
-                self.pages.clear()          # clients asking with every cursor there is cannot grow it
-            self.pages[cursor] = self.page(cursor)
-        return self.pages[cursor]
 
     def page(self, cursor):
         if cursor is None:
@@ -477,368 +235,121 @@ class Stream:
         if key not in self.answers:
             if len(self.answers) >= 64:
                 self.answers.clear()        # clients asking with every cursor there is cannot grow it
-            listed = b",".join(self.encoded.get(item["id"]) or json_bytes(item) for item in items)
+            listed = b",".join(self.encoded.get(item["id"]) or checks.json_bytes(item) for item in items)
             self.answers[key] = b'{"%s":[%s],"cursor":%d%s}' % (
                 self.key.encode(), listed, cursor, b',"gap":true' if gap else b"")
         return self.answers[key]
 
-    def wait(self, cursor, timeout):
-        """Like since(), but wait up to timeout seconds for an item if there is none yet."""
-        # Take the Event before looking: a publish that lands between the look
-        # and the wait has sent this very Event, so the wait returns at once
-        # instead of missing the item (the lost wake-up).
-        event = self.event
-        items, cursor_out, gap = self.since(cursor)
-        if items or gap or cursor_out != cursor or self.closed:
-            return items, cursor_out, gap
-        self.waiting += 1
-        try:
-            # A client that went away is noticed only when this returns, so the
-            # timeout bounds what an abandoned poll costs.
-            event.wait(timeout)
-        finally:
-            self.waiting -= 1
-        return self.since(cursor)
 
-    def close(self):
-        """Answer every parked poll now and any later one at once (for shutdown)."""
-        self.closed = True
-        event, self.event = self.event, Wakeup()
-        event.send()
-
-
-# Every stream: its name (its route /NAME/updates, and its row in /status) and
-# the key of its items. Creating, loading, delivering, following, closing,
-# /status and the updates route all go through this one list.
-STREAMS = {"chat": "messages", "feed": "entries"}
-streams = {}        # name -> Stream; main() opens them with open_streams()
-
-
-def json_bytes(value):
-    # UTF-8, not \u escapes: an emoji is 4 bytes, not 12. A lone surrogate (a
-    # post may not have one; a feed might) cannot be UTF-8, and becomes "?".
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "replace")
+# Every stream: its name (its /NAME/updates and its row in /status), the key of its
+# items, and whether the store keeps them. Creating, loading, delivering, following,
+# closing, /status and the polls go through this list (presence polls /presence/updates).
+STREAMS = {
+    "chat": ("messages", "stored"),         # ids and items kept by the store (--db, or --redis)
+    "feed": ("entries", "stored"),
+    "presence": ("presence", "not stored"),  # snapshots: ids given by this process, nothing kept
+}
 
 
 def open_streams(store, history):
     """A Stream for each of STREAMS, from what the store kept, and the store's
-    deliveries routed to them; then start the store's reader, if it has one."""
-    opened = {name: Stream(key, store, history) for name, key in STREAMS.items()}
+    deliveries routed to them; then start the store's reader, if it has one.
+    A stream not stored has a storage.Unkept of its own and keeps its newest item only."""
+    opened = {name: Stream(key, store, history) if how == "stored" else Stream(key, storage.Unkept(), 1)
+              for name, (key, how) in STREAMS.items()}
     by_key = {s.key: s for s in opened.values()}
-    store.deliver = lambda key, items: by_key[key].add(items)
+    for s in opened.values():
+        s.store.deliver = lambda key, items: by_key[key].add(items)
     store.start()
     return opened
 
 
 app = bottle.Bottle()
 app.merge(metrics.app)      # GET /metrics
+app.default_error_handler = checks.error_body      # for every error status, ours and Bottle's
+app.add_hook("before_request", lambda: checks.request_begins(settings))
+app.add_hook("after_request", checks.safe_headers)
+parking = checks.Parking()  # polls parked now, per address; main() sets how many may park
 
-# -- HTTP helpers -------------------------------------------------------------
-
-
-def fail(status, message, **headers):
-    """Stop the request with a JSON error; nothing has been changed."""
-    raise bottle.HTTPError(status, message, **headers)
-
-
-def error_body(err):
-    # A browser that asked for a page gets a short page; everyone else JSON.
-    # Never a traceback: err.traceback stays on the server's stderr.
-    message = err.body if err.status_code != 500 else "internal server error"
-    # Its traceback holds the frame that holds the error: a cycle per refused
-    # request, otherwise freed only by a full garbage collection.
-    err.__traceback__ = None
-    metrics.error(err.status_code)
-    no_store()      # an error is about this request only: a cache must not replay it
-    if "text/html" in bottle.request.get_header("Accept", ""):
-        bottle.response.content_type = "text/html; charset=utf-8"
-        status, message = bottle.html_escape(err.status), bottle.html_escape(message)
-        return f"<!doctype html><title>{status}</title><h1>{status}</h1><p>{message}</p><a href='/'>Chat</a>"
-    bottle.response.content_type = "application/json"
-    return json.dumps({"error": message})
-
-
-app.default_error_handler = error_body      # for every error status, ours and Bottle's
-
-
-def no_store():
-    bottle.response.set_header("Cache-Control", "no-store")
-    bottle.response.set_header("X-Accel-Buffering", "no")   # a proxy must pass each answer on at once
-
-
-@app.hook("before_request")
-def front_door():
-    environ = bottle.request.environ    # read once: each bottle.request.x is a green-thread-local lookup
-    # A request without a body has been read whole: --client-timeout is over
-    # for it (a parked poll is not a slow request). json_body() ends it for the others.
-    if int(environ.get("CONTENT_LENGTH") or 0) == 0:
-        environ["longpoll.request_read"]()
-    elif environ["REQUEST_METHOD"] in ("GET", "HEAD"):
-        # A body means nothing on a GET, yet while unread the request is not
-        # over: read and dropped now, so that a poll does not park with its deadline on.
-        read_body(MAX_BODY_BYTES)
-    # DNS rebinding: a page of evil.example whose name then resolves to 127.0.0.1
-    # is, to the browser, same-origin with a server listening on loopback. Its
-    # requests still name evil.example in Host, which a loopback server refuses.
-    host = host_name(environ.get("HTTP_HOST", "localhost"))
-    if settings.loopback_only and not (host in settings.allow_host or is_loopback(host)):
-        fail(400, f"this server answers only for localhost; start it with --allow-host {host} to serve that name")
-
-
-@functools.lru_cache(maxsize=256)       # a few names, asked on every request
-def host_name(host_header):
-    if "@" in host_header:
-        return ""       # userinfo is no part of a Host: "evil@localhost" names no loopback host
-    try:
-        return urllib.parse.urlsplit("//" + host_header).hostname or ""
-    except ValueError:
-        return ""       # one urlsplit cannot read ("[::1" unclosed) names nothing: a 400, not a 500
-
-
-@app.hook("after_request")
-def safe_headers():
-    for name, value in SAFE_HEADERS:
-        bottle.response.set_header(name, value)
-
-
-# On every answer: nothing is sniffed into another type, and pages this app
-# links to are not told which of its pages (or polls) a reader was on.
-SAFE_HEADERS = [("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "same-origin")]
-
-
-def is_loopback(host):
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def parse_cursor(name="cursor"):
-    text = bottle.request.query.get(name)
-    if text is None:
-        return None
-    if not re.fullmatch(r"[0-9]{1,18}", text):
-        fail(400, f"{name} must be a non-negative integer")
-    return int(text)
-
-
-parked_by_address = collections.Counter()     # client address -> polls it has parked now
-parked_total = 0            # polls parked now, from every address
-poll_places = math.inf      # main(): polls that may park at once, below eventlet's pool of connections
+# -- The polls ----------------------------------------------------------------
 
 
 def updates(stream, cursor):
-    with parked():
+    """A poll: parked (and counted) until the stream has news for cursor or the timeout, then answered."""
+    with parking.parked(settings):
         items, cursor, gap = stream.wait(cursor, settings.poll_timeout)
     metrics.answered(stream.key, gap)
-    no_store()
+    checks.no_store()
     bottle.response.content_type = "application/json"
     return stream.answer(items, cursor, gap)
 
 
-@contextlib.contextmanager
-def parked():
-    """Count a poll parked from the client's address while it waits."""
-    global parked_total
-    # One address may not hold every connection (and the memory they cost).
-    address = client_address()
-    if parked_by_address[address] >= settings.polls_per_address:
-        fail(429, "too many polls from your address; try again later", Retry_After="5")
-    if parked_total >= poll_places:
-        # Polls may not take the pool's last places: with every one parked,
-        # eventlet accepts nobody, and the post that would answer them cannot get in.
-        bottle.request.environ["longpoll.close"] = True    # its place back to the pool, not held idle
-        fail(503, "the server is full; try again later", Retry_After="5", Connection="close")
-    parked_by_address[address] += 1
-    parked_total += 1
+# Not through Bottle's JSON plugin: the answer is JSON already, and one call less
+# in each parked poll's stack is less to save and restore at every switch.
+@app.get("/<name>/updates", skip=["json"])
+def stream_updates(name):
+    if name not in streams:
+        checks.fail(404, f"no stream named {name}")
+    cursor = checks.parse_cursor()
+    # A chat poll may say which browser polls: every poll is a heartbeat.
+    browser = here.arrive() if name == "chat" else None
     try:
-        yield
+        return updates(streams[name], cursor)
     finally:
-        parked_total -= 1
-        parked_by_address[address] -= 1
-        if not parked_by_address[address]:
-            del parked_by_address[address]     # else the table keeps every address ever seen
-
-
-def from_trusted_proxy():
-    return bottle.request.environ.get("REMOTE_ADDR", "") in settings.trusted_proxy
-
-
-def client_address():
-    """The client's address as limits count it: a trusted proxy's X-Forwarded-For is
-    believed, nobody else's."""
-    environ = bottle.request.environ
-    addr = environ.get("REMOTE_ADDR", "")
-    if addr not in settings.trusted_proxy:
-        # Worked out once for the connection (Protocol.handle()): with more
-        # clients than address_key() caches, it would be made afresh on every request.
-        return environ.get("longpoll.address") or address_key(addr)
-    hops = [h.strip() for h in environ.get("HTTP_X_FORWARDED_FOR", "").split(",")]
-    # The rightmost hop no trusted proxy added.
-    addr = next((h for h in reversed(hops) if h and h not in settings.trusted_proxy), addr)
-    return address_key(addr)
-
-
-@functools.lru_cache(maxsize=4096)     # ipaddress objects are costly to make on every request
-def address_key(addr):
-    """An address as limits count it: an IPv6 client is its /64, since one host owns all of it."""
-    try:
-        ip = ipaddress.ip_address(addr)
-    except ValueError:
-        return addr
-    if ip.version == 6:
-        return str(ip.ipv4_mapped or ipaddress.ip_network((ip, 64), strict=False))
-    return str(ip)
-
-
-def same_origin(origin):
-    """Whether a browser's Origin is the site it is on: the Host it asked for, or,
-    behind a trusted proxy, the X-Forwarded-Host and -Proto that proxy saw."""
-    req = bottle.request
-    host, scheme = req.get_header("Host", ""), None
-    if from_trusted_proxy():
-        host = req.get_header("X-Forwarded-Host", host).split(",")[0].strip()
-        scheme = req.get_header("X-Forwarded-Proto", "").split(",")[0].strip().lower() or None
-    try:
-        parts = urllib.parse.urlsplit(origin)
-    except ValueError:
-        return False    # an Origin urlsplit cannot read ("http://[::1") is no site's: a 403, not a 500
-    default_port = {"http": ":80", "https": ":443"}.get(parts.scheme, "")
-    # Browsers leave a default port out of Origin; some clients put it in Host.
-    return (parts.netloc.lower().removesuffix(default_port) == host.lower().removesuffix(default_port)
-            and scheme in (None, parts.scheme))
-
-
-def json_body():
-    """The request's JSON object, or a 4xx that says what was wrong with it."""
-    req = bottle.request
-    origin = req.get_header("Origin")
-    if origin is not None and not same_origin(origin):
-        fail(403, "cross-origin requests are not accepted")
-    if req.content_type.split(";")[0].strip().lower() != "application/json":
-        fail(415, "Content-Type must be application/json")
-    try:
-        data = json.loads(read_body(MAX_BODY_BYTES))
-    except (ValueError, RecursionError):
-        fail(400, "request body is not valid JSON")
-    if not isinstance(data, dict):
-        fail(400, "request body must be a JSON object")
-    return data
-
-
-def read_body(limit):
-    """The request's body, of at most limit bytes, or a 4xx."""
-    req = bottle.request
-    body = req.environ["wsgi.input"]
-    try:
-        if req.content_length > limit:
-            # A client sends its whole body before it reads the answer (a hub
-            # does): closed on, it hears a reset, not its 413. So the body is
-            # read and dropped, as nginx's lingering close does, within the
-            # request's deadline (the front door cut those too big even for that).
-            while body.read(64 * 1024):
-                pass
-            fail(413, f"request body is over {limit // 1024} KB")
-        # The front door refused chunked bodies, so Content-Length is exact.
-        raw = body.read(max(0, req.content_length))
-    except SlowRequest:
-        fail(408, f"the request body took longer than {settings.client_timeout:g} s", Connection="close")
-    req.environ["longpoll.request_read"]()
-    return raw
-
-
-def text_field(data, name, limit, allowed="", required=False, refused=()):
-    value = data.get(name, "")
-    if not isinstance(value, str):
-        fail(400, f"{name} must be a string")
-    value = value.strip()
-    if required and not value:
-        fail(400, f"{name} must not be empty")
-    if len(value) > limit:
-        fail(400, f"{name} is longer than {limit} characters")
-    if any(unicodedata.category(c) in ("Cc", "Cs") and c not in allowed for c in value):
-        fail(400, f"{name} contains control characters")
-    if any(c in refused for c in value):
-        fail(400, f"{name} contains bidirectional-text controls")
-    return value
+        if browser:
+            here.depart(browser)
 
 
 # -- The chat -----------------------------------------------------------------
 
 
-class TokenBucket:
-    """Posting allowance per client address: `burst` at once, refilled at `rate` a second."""
-
-    def __init__(self):
-        self.buckets = collections.OrderedDict()    # address -> (tokens, time), oldest use first
-
-    def take(self, key, rate, burst):
-        """Take a token; return 0 if there was one, else seconds until there is."""
-        now = time.monotonic()
-        # Forget buckets untouched long enough to be full again. They sit at the
-        # front, so this costs O(1) a post however many addresses post at once.
-        while self.buckets and now - next(iter(self.buckets.values()))[1] >= burst / rate:
-            self.buckets.popitem(last=False)
-        tokens, then = self.buckets.get(key, (burst, now))
-        tokens = min(burst, tokens + (now - then) * rate)
-        if tokens < 1:
-            return (1 - tokens) / rate
-        self.buckets[key] = (tokens - 1, now)
-        self.buckets.move_to_end(key)
-        return 0
-
-
-posting = None      # main(): a TokenBucket, or with --redis sharing.RedisBuckets for every process
-reading_past = TokenBucket()    # pages of the chat's past, per address
-store = None        # main() opens the --db, or --redis
+reading_past = checks.TokenBucket()    # pages of the chat's past, per address
 
 
 @app.post("/chat/messages")
 @metrics.timed_post
 def post_message():
-    data = json_body()
+    data = checks.json_body(settings)
     bottle.response.content_type = "application/json"   # for the message's own JSON, in UTF-8
-    body = text_field(data, "body", MAX_MESSAGE_CHARS, allowed="\n\t", required=True)
-    nick = text_field(data, "nick", MAX_NICK_CHARS, refused=BIDI_CONTROLS) or "anonymous"
-    client_id = text_field(data, "client_id", MAX_CLIENT_ID_CHARS)
+    body = checks.text_field(data, "body", MAX_MESSAGE_CHARS, allowed="\n\t", required=True)
+    nick = checks.text_field(data, "nick", checks.MAX_NICK_CHARS, refused=checks.BIDI_CONTROLS) or "anonymous"
+    client_id = checks.text_field(data, "client_id", MAX_CLIENT_ID_CHARS)
     try:
         message = {"nick": nick, "body": body, "time": time.time()}
         original = client_id and store.posted(client_id, streams["chat"].key, message)
         if original:
-            return json_bytes(original)         # a retry whose first answer was lost
-        wait = posting.take(client_address(), settings.post_rate, settings.post_burst)
+            return checks.json_bytes(original)         # a retry whose first answer was lost
+        wait = posting.take(checks.client_address(settings), settings.post_rate, settings.post_burst)
         if wait:
             wait = math.ceil(wait)
-            fail(429, f"too many messages; try again in {wait} s", Retry_After=str(wait))
+            checks.fail(429, f"too many messages; try again in {wait} s", Retry_After=str(wait))
         [message], new = streams["chat"].publish(message, client_id=client_id)
     except storage.StoreError:
-        fail(503, "the server cannot store messages right now; try again shortly", Retry_After="10")
+        checks.fail(503, "the server cannot store messages right now; try again shortly", Retry_After="10")
     # 200 for a copy that raced its original (to another process, say): posted once.
     bottle.response.status = 201 if new else 200
-    return json_bytes(message)
+    return checks.json_bytes(message)
 
 
 @app.get("/chat/messages")
 def past_messages():
     """The chat's past, a page at a time and newest first, from the store, which
     keeps --keep messages where memory keeps --history for the polls."""
-    before = parse_cursor("before")
+    before = checks.parse_cursor("before")
     limit = bottle.request.query.get("limit", "50")
     if not (re.fullmatch(r"[0-9]{1,3}", limit) and 1 <= int(limit) <= MAX_PAGE):
-        fail(400, f"limit must be a whole number from 1 to {MAX_PAGE}")
+        checks.fail(400, f"limit must be a whole number from 1 to {MAX_PAGE}")
     # Each page is read and encoded from the store: a flood of them is refused
     # before it costs anyone else (per process: it is this process's CPU it guards).
-    wait = reading_past.take(client_address(), PAST_RATE, PAST_BURST)
+    wait = reading_past.take(checks.client_address(settings), PAST_RATE, PAST_BURST)
     if wait:
         # Held a second before it hears so: 400 connections pipelining such
         # requests were answered about 1,900 refusals a second, and a bystander's
         # /status waited 0.5-1 s behind them; held, 400 a second, and 1 ms (p50).
         eventlet.sleep(1)
         wait = math.ceil(wait)
-        fail(429, f"too many pages of the past; try again in {wait} s", Retry_After=str(wait))
-    no_store()
+        checks.fail(429, f"too many pages of the past; try again in {wait} s", Retry_After=str(wait))
+    checks.no_store()
     bottle.response.content_type = "application/json"
     chat = streams["chat"]
     answers = chat.past     # taken before the store is read: a publish meanwhile replaces it
@@ -847,7 +358,7 @@ def past_messages():
         try:
             past, more = store.page(chat.key, before, int(limit))
         except storage.StoreError:
-            fail(503, "the server cannot read its messages right now; try again shortly", Retry_After="10")
+            checks.fail(503, "the server cannot read its messages right now; try again shortly", Retry_After="10")
         if len(answers) >= 64:
             answers.clear()         # clients asking with every cursor there is cannot grow it
         answers[key] = past_answer(past, more)
@@ -861,7 +372,7 @@ def past_answer(past, more):
     it that fit (one at least), and "more" when older ones are left out."""
     encoded, size = [], 0
     for item in reversed(past):
-        item_json = json_bytes(item)
+        item_json = checks.json_bytes(item)
         size += len(item_json) + 1
         if size > MAX_ANSWER_BYTES and encoded:
             more = True
@@ -870,188 +381,39 @@ def past_answer(past, more):
     return b'{"messages":[%s],"more":%s}' % (b",".join(reversed(encoded)), b"true" if more else b"false")
 
 
-# -- Who is here --------------------------------------------------------------
-# The third stream. Every chat poll that names its browser is a heartbeat; one
-# poll per browser (the pages' leader tab) makes a browser one entry whatever
-# its tabs. Snapshots of who is here are published on a Stream of their own,
-# at most twice a second, and /presence/updates waits on it as polls do.
-
-
-class Presence:
-    """The browsers whose chat polls say who they are, while they keep polling."""
-
-    def __init__(self):
-        self.local = {}         # browser -> what this process knows of it (see arrive())
-        self.by_address = collections.Counter()     # client address -> browsers it has here
-        self.leaves = {}        # browser -> when it said it left
-        self.present = {}       # every process's present browsers at the last tick (a leave is for one of them)
-        self.leaving = TokenBucket()    # leaves per address
-        self.keep({"here": [], "count": 0})
-
-    def keep(self, snapshot):
-        self.snapshot, self.cursor = snapshot, digest(snapshot)
-        # Encoded once for every watcher it wakes, as the streams' answers are.
-        self.encoded = json_bytes({**snapshot, "cursor": self.cursor})
-
-    def arrive(self):
-        """A chat poll begins: its browser (validated, or a 400) is present, if it names one."""
-        query = bottle.request.query
-        browser = query.get("browser")
-        if browser is None:
-            return None         # curl, other clients: served, not counted
-        if not re.fullmatch(r"[A-Za-z0-9_-]{8,64}", browser):
-            fail(400, "browser must be 8 to 64 of A-Z, a-z, 0-9, _ and -")
-        nick = query.getunicode("nick", default=None) if "nick" in query else ""
-        if nick is None:
-            fail(400, "nick must be UTF-8")
-        nick = text_field({"nick": nick}, "nick", MAX_NICK_CHARS, refused=BIDI_CONTROLS)
-        entry = self.local.get(browser)
-        if entry is None:
-            address = client_address()
-            if self.by_address[address] >= settings.present_per_address:
-                return None     # one address cannot fill the room: served, not counted
-            self.by_address[address] += 1
-            # Shared with every process through the store, as a digest: fairness needs no address.
-            who = hashlib.sha256(address.encode()).hexdigest()[:16]
-            entry = self.local[browser] = {"address": address, "who": who, "polls": 0, "ended": 0}
-        entry.update(nick=nick, polled=time.time())
-        entry["polls"] += 1
-        return browser
-
-    def depart(self, browser):
-        """A chat poll of the browser ended; it is present for --presence-grace more."""
-        entry = self.local[browser]
-        entry["polls"] -= 1
-        entry["ended"] = time.time()
-
-    def leave(self, browser):
-        wait = self.leaving.take(client_address(), LEAVE_RATE, LEAVE_BURST)
-        if wait:
-            wait = math.ceil(wait)
-            fail(429, f"too many leaves; try again in {wait} s", Retry_After=str(wait))
-        if browser not in self.local and browser not in self.present:
-            return      # not a browser that is here: nothing to store, nothing for every process to read
-        self.leaves[browser] = time.time()
-        store.leave(browser, self.leaves[browser])
-
-    def mine(self, now):
-        """{browser: [nick, start of its last poll, until when it is present, its address's digest]} of this process."""
-        kept = {}
-        for browser, e in list(self.local.items()):
-            until = now + settings.presence_grace if e["polls"] else e["ended"] + settings.presence_grace
-            if until > now:
-                kept[browser] = [e["nick"], e["polled"], until, e["who"]]
-            else:
-                del self.local[browser]
-                self.by_address[e["address"]] -= 1
-                if not self.by_address[e["address"]]:
-                    del self.by_address[e["address"]]
-        return kept
-
-    def tick(self):
-        """Work out who is here, with every process (through the store), and publish it if it changed."""
-        now = time.time()
-        self.leaves = {b: t for b, t in self.leaves.items() if now - t < settings.presence_grace + 60}
-        self.present, leaves = store.presence(self.mine(now), self.leaves)
-        # Gone: a browser that left, once LEAVE_DELAY is over, unless a poll began since.
-        here = [e for b, e in self.present.items()
-                if e[2] > now and not (b in leaves and e[1] <= leaves[b] and now >= leaves[b] + LEAVE_DELAY)]
-        by_address = collections.defaultdict(list)
-        for e in sorted(here, key=lambda e: -e[1]):         # the most recently active first
-            by_address[e[3]].append(e)
-        # Each address counts its --present-per-address most active browsers (in
-        # every process together), and the nicks listed are one per address
-        # before a second from any: one address cannot hide everyone else.
-        count, ranked = 0, []
-        for entries in by_address.values():
-            entries = entries[:settings.present_per_address]
-            count += len(entries)
-            ranked += [(rank, -e[1], e[0]) for rank, e in enumerate(e for e in entries if e[0])]
-        listed = dict.fromkeys(nick for *_, nick in sorted(ranked))
-        snapshot = {"here": sorted(itertools.islice(listed, MAX_HERE), key=str.casefold), "count": count}
-        if snapshot != self.snapshot:
-            self.keep(snapshot)
-            streams["presence"].publish(snapshot)
-
-    def run(self):
-        while True:
-            try:
-                self.tick()
-            except storage.StoreError:
-                pass            # the storage row of /status says why; presence goes on from what it has
-            eventlet.sleep(PRESENCE_TICK)
-
-    def answer(self):
-        no_store()
-        bottle.response.content_type = "application/json"
-        return self.encoded
-
-
-def digest(snapshot):
-    """A presence cursor: the same snapshot has the same cursor in every process (52 bits, exact in JavaScript)."""
-    return int(hashlib.sha256(json_bytes(snapshot)).hexdigest()[:13], 16)
-
-
-class Snapshots:
-    """The presence stream's store: ids given here, nothing kept (presence fills
-    again within one poll timeout after a restart)."""
-
-    def __init__(self):
-        self.deliver, self.last_id = None, 0
-
-    def load(self, key):
-        return [], 0
-
-    def append(self, key, batch):
-        items = [{"id": self.last_id + n, **fields} for n, fields in enumerate(batch, 1)]
-        self.last_id += len(items)
-        self.deliver(key, items)
-        return items, True
-
-    def issued(self, key, cursor):
-        return None
-
-
-presence = None     # main(): a Presence
+# -- Who is here ---------------------------------------------------------------
+# The browsers present are worked out in presence.py; here are its routes.
 
 
 @app.get("/presence")
 def who_is_here():
-    return presence.answer()
+    return here.answer()
 
 
 @app.get("/presence/updates")
 def presence_updates():
     """At once if presence differs from the cursor, else when it changes or at the poll timeout."""
-    cursor = parse_cursor()
-    if cursor == presence.cursor:
+    cursor = checks.parse_cursor()
+    if cursor == here.cursor:
         stream = streams["presence"]
-        with parked():
+        with parking.parked(settings):
             stream.wait(stream.last_id, settings.poll_timeout)
-    return presence.answer()
+    return here.answer()
 
 
 @app.post("/chat/leave")
 def leave():
-    browser = json_body().get("browser")
+    browser = checks.json_body(settings).get("browser")
     if not (isinstance(browser, str) and re.fullmatch(r"[A-Za-z0-9_-]{8,64}", browser)):
-        fail(400, "browser must be 8 to 64 of A-Z, a-z, 0-9, _ and -")
+        checks.fail(400, "browser must be 8 to 64 of A-Z, a-z, 0-9, _ and -")
     try:
-        presence.leave(browser)
+        here.leave(browser)
     except storage.StoreError:
-        fail(503, "the server cannot record that right now", Retry_After="10")
+        checks.fail(503, "the server cannot record that right now", Retry_After="10")
     bottle.response.status = 204
 
 
 # -- The feed poller ----------------------------------------------------------
-
-
-class FetchError(Exception):
-    """A feed could not be fetched or read; the message is shown to users."""
-
-    def __init__(self, message, retry_after=0):
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 class Feed:
@@ -1104,7 +466,7 @@ class Feed:
         hurry = False       # woken by its hub's denial: no longer pushed, so fetched at once
         while True:
             # Taken before the check, as Stream.wait() takes its Event before looking:
-            # a wake() that lands while the check yields sends this one, not a lost one.
+            # a websub.wake() that lands while the check yields sends this one, not a lost one.
             woken = self.wake = eventlet.Event()
             try:
                 # With several processes on one Redis, the one holding a feed's
@@ -1121,7 +483,7 @@ class Feed:
                     # Woken early by its hub (a lease to renew), it only plans the
                     # subscription: no hub makes it fetch more often than --feed-interval.
                     early = (self.last_checked or 0) + settings.feed_interval - time.time()
-                    delay = keep_pushed(self, self.check() if hurry or early <= 0 else early)
+                    delay = websub.keep_pushed(self, self.check() if hurry or early <= 0 else early, settings, store)
                     store.hold(self.url, delay, self.status())
             except storage.StoreError as e:
                 self.ok, self.error, delay = False, f"cannot store entries: {e}", settings.feed_interval
@@ -1141,9 +503,9 @@ class Feed:
                 body, headers = fetched
                 # feedparser is pure Python and slow; in the hub it would freeze
                 # every connection, so it runs in eventlet's pool of OS threads.
-                title, entries, links = eventlet.tpool.execute(parse_feed, body, {
+                title, entries, links = eventlet.tpool.execute(feedtext.parse_feed, body, {
                     "content-type": headers.get("Content-Type", ""), "content-location": self.url})
-                self.hub, self.topic = discover(headers.get_all("Link") or [], links, self.url)
+                self.hub, self.topic = websub.discover(headers.get_all("Link") or [], links, self.url)
                 # Validators only from a body that parsed: else a 304 would hide the error.
                 self.take_in(title, entries, headers.get("ETag"), headers.get("Last-Modified"))
             self.ok, self.error, self.failures = True, None, 0
@@ -1151,7 +513,7 @@ class Feed:
         except Exception as e:              # whatever goes wrong, the feed's thread lives on
             self.ok, self.failures = False, self.failures + 1
             self.error = (f"cannot store entries: {e}" if isinstance(e, storage.StoreError)
-                          else str(e) if isinstance(e, FetchError) else f"{type(e).__name__}: {e}")
+                          else str(e) if isinstance(e, feedtext.FetchError) else f"{type(e).__name__}: {e}")
             # The exponent is capped: 2.0 ** 1024 overflows, which would end this thread.
             backoff = min(interval * 2 ** min(self.failures, 20), max(interval, MAX_BACKOFF))
             return max(backoff, getattr(e, "retry_after", 0))
@@ -1160,29 +522,7 @@ class Feed:
 
     def fetch(self):
         """(body, response headers) of the feed, or None if unchanged since the last fetch."""
-        headers = {"User-Agent": "longpoll/1.0 (+feed stream demo)", "Accept-Encoding": "gzip, deflate"}
-        if self.etag:
-            headers["If-None-Match"] = self.etag
-        if self.modified:
-            headers["If-Modified-Since"] = self.modified
-        request = urllib.request.Request(self.url, headers=headers)
-        # urlopen's timeout is per socket operation; the Timeout bounds the whole
-        # fetch, so a server that drips a byte a second is cut off too.
-        with eventlet.Timeout(settings.fetch_timeout,
-                              FetchError(f"no complete answer within {settings.fetch_timeout:g} s")):
-            try:
-                with urllib.request.urlopen(request, timeout=settings.fetch_timeout) as response:
-                    body = response.read(MAX_FEED_BYTES + 1)
-                    headers = response.headers
-            except urllib.error.HTTPError as e:
-                if e.code == 304:
-                    return None
-                raise FetchError(f"HTTP {e.code} {e.reason}",
-                                 retry_after=retry_after(e.headers.get("Retry-After"))) from None
-            except urllib.error.URLError as e:
-                reason = getattr(e.reason, "strerror", None) or e.reason
-                raise FetchError(f"cannot fetch: {reason}") from None
-        return decompress(body, headers.get("Content-Encoding", "")), headers
+        return feedtext.fetch(self.url, self.etag, self.modified, settings.fetch_timeout)
 
     def take_in(self, title, entries, etag, modified):
         """Publish what is new in entries, fetched or pushed. A fetch and a push (or
@@ -1222,342 +562,36 @@ class Feed:
             title, etag, modified, state["entries"], seen, saved)
 
 
-def retry_after(value):
-    """Seconds a Retry-After header asks for (a number or an HTTP date), or 0."""
-    if not value:
-        return 0
-    if value.strip().isdigit():
-        return min(int(value), 86400)
-    try:
-        when = email.utils.parsedate_to_datetime(value).timestamp()
-    except (TypeError, ValueError):
-        return 0
-    return min(max(0, when - time.time()), 86400)
-
-
-def decompress(body, encoding):
-    """The body, decompressed when the server compressed it, refusing bombs."""
-    if len(body) > MAX_FEED_BYTES:
-        raise FetchError(f"feed is larger than {MAX_FEED_BYTES // 2**20} MB")
-    if encoding.strip().lower() in ("gzip", "x-gzip", "deflate"):
-        inflater = zlib.decompressobj(zlib.MAX_WBITS | 32)   # gzip or zlib framing
-        try:
-            body = inflater.decompress(body, MAX_FEED_BYTES + 1)
-        except zlib.error as e:
-            raise FetchError(f"cannot decompress the feed: {e}") from None
-        if len(body) > MAX_FEED_BYTES:
-            raise FetchError(f"feed is larger than {MAX_FEED_BYTES // 2**20} MB uncompressed")
-    return body
-
-
-class TextOnly(html.parser.HTMLParser):
-    """Plain text from HTML: tags dropped, entities decoded, scripts and styles skipped."""
-
-    def __init__(self):
-        super().__init__(convert_charrefs=True)
-        self.parts, self.skip = [], 0
-
-    def handle_starttag(self, tag, attrs):
-        self.skip += tag in ("script", "style")
-
-    def handle_endtag(self, tag):
-        self.skip -= tag in ("script", "style") and self.skip > 0
-
-    def handle_data(self, data):
-        if not self.skip:
-            self.parts.append(data)
-
-
-def plain_text(markup, limit=None):
-    parser = TextOnly()
-    parser.feed(markup or "")
-    parser.close()
-    text = " ".join("".join(parser.parts).split())
-    if limit and len(text) > limit:
-        text = text[:limit].rsplit(" ", 1)[0] + "…"
-    return text
-
-
-def safe_link(url):
-    url = (url or "").strip()
-    return url if urllib.parse.urlsplit(url).scheme.lower() in ("http", "https") else ""
-
-
-def parse_feed(body, headers):
-    """(feed title, entries as plain dicts, the feed's (rel, href) links for WebSub);
-    runs in an OS thread, so it touches nothing shared."""
-    parsed = feedparser.parse(body, response_headers=headers)
-    if not parsed.entries and (parsed.bozo or not parsed.version):
-        raise FetchError(f"not a feed: {parsed.get('bozo_exception') or 'no Atom or RSS found'}")
-    entries = []
-    for e in parsed.entries:
-        when = e.get("published_parsed") or e.get("updated_parsed")
-        published = time.strftime("%Y-%m-%dT%H:%M:%SZ", when) if when else None
-        title = plain_text(e.get("title"))
-        link = safe_link(e.get("link"))
-        entries.append({
-            "key": e.get("id") or link or f"{title}|{published}",
-            "title": title,
-            "link": link,
-            "summary": plain_text(e.get("summary"), SUMMARY_CHARS),
-            "published": published,
-        })
-    links = [(link.get("rel"), link.get("href")) for link in parsed.feed.get("links", ())]
-    return plain_text(parsed.feed.get("title")), entries, links
-
-
-feeds = []      # main() fills it from the command line
-
-
 # -- Push from WebSub hubs ----------------------------------------------------
-# With --public-url, a feed that names a hub (or every feed, with --hub) is
-# subscribed to: the hub POSTs each new version of the feed to a callback of
-# ours, which publishes what is new through Feed.take_in(), as a fetch does.
-
-
-def discover(link_headers, links, url):
-    """(hub, topic) of a fetched feed: from its HTTP Link headers first, then from
-    its own links; the topic is the feed's self URL, else the URL it was fetched from."""
-    found = {}
-    for value in link_headers:
-        for target, params in re.findall(r"<([^>]*)>([^,<]*)", value):
-            rel = re.search(r"""rel\s*=\s*"?([^";]+)""", params)
-            for name in rel[1].lower().split() if rel else ():
-                found.setdefault(name, urllib.parse.urljoin(url, target.strip()))
-    for name, href in links:
-        found.setdefault(name, href)
-    return safe_link(found.get("hub")) or None, safe_link(found.get("self")) or url
-
-
-def hub_of(feed):
-    """The hub to subscribe a feed through: --hub (its credentials left out), else the one it names."""
-    return settings.hub and sharing.without_credentials(settings.hub) or feed and feed.hub
-
-
-def keep_pushed(feed, delay):
-    """After a check: subscribe the feed to its hub, or renew its lease, when due.
-    Return the delay until its next check: while it is pushed, a slow safety net."""
-    hub = hub_of(feed)
-    if not (settings.public_url and hub and feed.ok):
-        return delay
-    sub = store.subscriptions().get(feed.url)
-    if not sub or (sub["hub"], sub["topic"]) != (hub, feed.topic):
-        # The token makes the callback URL unguessable; the secret signs every push.
-        sub = {"hub": hub, "topic": feed.topic, "token": secrets.token_urlsafe(24),
-               "secret": secrets.token_hex(32), "state": "new", "requested": None,
-               "lease": None, "expires": None, "why": None, "last_push": None}
-    now = time.time()
-    renew_at = renewal(sub)
-    asked_lately = sub["requested"] and now - sub["requested"] < VERIFY_WITHIN
-    if sub["state"] == "new" or (now >= renew_at and not asked_lately and (
-            sub["state"] in ("verified", "requested") or now - sub["requested"] >= MAX_BACKOFF)):
-        sub = ask_hub(feed.url, sub)
-    # A lease too short to use is polled as usual: it would lapse long before its renewal.
-    if sub["state"] == "verified" and sub["expires"] > now and (sub["lease"] or 0) >= LEASE_FLOOR:
-        return max(1, min(max(delay, PUSHED_INTERVAL), renew_at - now))
-    return delay
-
-
-def ask_hub(url, sub):
-    """Send the hub the subscription request; return the subscription as it is then."""
-    # Kept before asking: a hub may verify before it answers.
-    sub = {**sub, "requested": time.time(), "state": "verified" if sub["state"] == "verified" else "requested"}
-    store.subscribe(url, sub)
-    form = {"hub.mode": "subscribe", "hub.topic": sub["topic"], "hub.callback": callback_url(sub),
-            "hub.secret": sub["secret"], "hub.lease_seconds": LEASE_ASKED}
-    # The --hub flag's URL, if this is its hub, holds the credentials; the stored one never does.
-    parts = urllib.parse.urlsplit(settings.hub if settings.hub and hub_of(None) == sub["hub"] else sub["hub"])
-    headers = {"Content-Type": "application/x-www-form-urlencoded", "User-Agent": "longpoll/1.0 (WebSub)"}
-    if parts.username is not None:
-        # Credentials go in a header, never in a URL that an error message might show.
-        user_pass = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
-        headers["Authorization"] = "Basic " + base64.b64encode(user_pass.encode()).decode()
-    request = urllib.request.Request(sub["hub"], data=urllib.parse.urlencode(form).encode(), headers=headers)
-    try:
-        with eventlet.Timeout(settings.fetch_timeout, FetchError(f"no answer within {settings.fetch_timeout:g} s")):
-            try:
-                with urllib.request.urlopen(request, timeout=settings.fetch_timeout):
-                    return sub
-            except urllib.error.HTTPError as e:
-                reason = plain_text(e.read(1000).decode("utf-8", "replace"), 200)
-                raise FetchError(f"HTTP {e.code} {e.reason}: {reason}") from None
-            except urllib.error.URLError as e:
-                raise FetchError(f"cannot reach it: {getattr(e.reason, 'strerror', None) or e.reason}") from None
-    except FetchError as e:
-        sub = store.subscriptions().get(url, sub)
-        sub = {**sub, "why": f"the hub refused the subscription: {e}"}
-        if sub["state"] == "requested":
-            sub["state"] = "refused"
-        store.subscribe(url, sub)
-        return sub
-
-
-def renewal(sub):
-    """When a subscription's lease is renewed: with a quarter of it left, a day at most.
-    A lease under LEASE_FLOOR counts as that long, else a hub granting 0 s is asked again at once, in a loop."""
-    granted = sub["lease"] or 0
-    lease = max(granted, LEASE_FLOOR)
-    return (sub["expires"] or 0) - granted + lease - min(lease / 4, 86400)
-
-
-def wake(feed, why="lease"):
-    """Have the feed's thread plan its subscription afresh now, and check it if it is
-    due, or at once if why is "denied"."""
-    if not feed.wake.ready():
-        feed.wake.send(why)
-
-
-def callback_url(sub):
-    return f"{settings.public_url}/websub/{sub['token']}"
-
-
-def push_status(feed, sub):
-    """How a feed gets its entries, for /status and the feed page: pushed, or polled and why."""
-    # The subscription's hub, for a process that has not fetched the feed itself.
-    hub = hub_of(feed) or (sub or {}).get("hub")
-    now = time.time()
-    state, why = "polled", None
-    if not settings.public_url:
-        why = "no --public-url: hubs cannot reach this server"
-    elif not hub:
-        why = "the feed names no WebSub hub" if feed.last_checked else "not checked yet"
-    elif not sub:
-        why = "not subscribed yet"
-    elif sub["state"] == "verified" and sub["expires"] > now:
-        state, why = "pushed", sub["why"]
-    elif sub["state"] == "verified":
-        why = sub["why"] or "the hub's lease ended; renewing"
-    elif sub["state"] == "requested":
-        state = "subscribing"
-        if now - sub["requested"] > VERIFY_WITHIN:
-            state, why = "polled", f"the hub has not verified the subscription within {VERIFY_WITHIN} s"
-    else:
-        why = sub["why"]
-    sub = sub or {}
-    return {"state": state, "why": why, "hub": sub.get("hub", hub), "topic": sub.get("topic", feed.topic),
-            "lease_ends": sub.get("expires"), "last_push": sub.get("last_push"),
-            "ignored_pushes": feed.pushes_ignored}
-
-
-def subscription(token):
-    """(the feed, its subscription) whose callback this is, or a 404; 410 for a feed
-    no longer configured, which tells its hub to stop. Without --public-url, none is open."""
-    if settings.public_url and re.fullmatch(r"[A-Za-z0-9_-]{32}", token):
-        try:
-            subs = store.subscriptions()
-        except storage.StoreError:
-            fail(503, "the server cannot read its subscriptions right now", Retry_After="10")
-        for url, sub in subs.items():
-            if hmac.compare_digest(str(sub.get("token")), token):
-                feed = next((f for f in feeds if f.url == url), None)
-                if feed is None:
-                    fail(410, "this feed is no longer followed")
-                return feed, sub
-    fail(404, "no such subscription")
+# Subscribing, renewing and taking pushes in is websub.py's; here are its routes.
 
 
 @app.get("/websub/<token>")
 def hub_verifies(token):
-    """The hub's check that we asked for a subscription, or its word that it denied one."""
-    feed, sub = subscription(token)
-    query = urllib.parse.parse_qs(bottle.request.environ.get("QUERY_STRING", ""))
-    mode, topic, lease, reason = (query.get("hub." + k, [""])[0] for k in ("mode", "topic", "lease_seconds", "reason"))
-    if topic != sub["topic"]:
-        fail(404, "no such subscription")
-    no_store()
-    if mode == "denied":
-        store.subscribe(feed.url, {**sub, "state": "denied", "expires": None,
-                                   "why": "the hub denied the subscription: " + (plain_text(reason, 200) or "no reason given")})
-        store.release(feed.url)     # whichever process holds the feed: it is polled again now, here
-        wake(feed, "denied")
-        return ""
-    # The challenge goes back byte for byte: read as Latin-1, which maps every byte to one character.
-    challenge = urllib.parse.parse_qs(bottle.request.environ.get("QUERY_STRING", ""),
-                                      encoding="latin-1").get("hub.challenge", [""])[0]
-    if mode != "subscribe" or not challenge or not (sub["requested"] or sub["state"] == "verified"):
-        fail(404, "no such subscription")
-    lease = int(lease) if re.fullmatch(r"[0-9]{1,9}", lease) else LEASE_ASKED
-    why = None
-    if lease < LEASE_FLOOR:
-        # Said in /status: such a hub's pushes come only between renewals, and the feed is polled meanwhile.
-        why = (f"the hub grants leases too short to use ({lease} s): the feed is polled, "
-               f"and the lease renewed as if it were {LEASE_FLOOR} s")
-    sub = {**sub, "state": "verified", "requested": None, "lease": lease, "expires": time.time() + lease, "why": why}
-    store.subscribe(feed.url, sub)
-    if feed.next_check and renewal(sub) < feed.next_check:
-        wake(feed)      # a lease shorter than the feed's wait must not end while it sleeps
-    bottle.response.content_type = "text/plain"
-    return challenge.encode("latin-1")
+    return websub.verified(token, settings, store, feeds)
 
 
 @app.post("/websub/<token>")
 def hub_pushes(token):
-    """A new version of the feed, from its hub: published once, however it also arrives."""
-    feed, sub = subscription(token)
-    req = bottle.request
-    raw = read_body(MAX_FEED_BYTES)
-    method, _, signature = req.get_header("X-Hub-Signature", "").partition("=")
-    if method not in ("sha1", "sha256", "sha384", "sha512") or not hmac.compare_digest(
-            hmac.new(sub["secret"].encode(), raw, method).hexdigest(), signature.strip().lower()):
-        # Not from the hub, or altered: ignored, yet answered as a good one is,
-        # so that probing tells nothing.
-        feed.pushes_ignored += 1
-        return accepted()
-    # Hubs copy the topic's Content-Encoding beside a body they already decoded.
-    encoding = req.get_header("Content-Encoding", "") if raw[:2] == b"\x1f\x8b" else ""
-    try:
-        title, entries, _ = eventlet.tpool.execute(parse_feed, decompress(raw, encoding), {
-            "content-type": req.get_header("Content-Type", ""), "content-location": feed.url})
-    except Exception as e:          # signed, so the hub's doing: said in the log, and not retried
-        print(f"longpoll: a push for {feed.url} was not a feed: {e}", file=sys.stderr, flush=True)
-        return accepted()
-    try:
-        feed.take_in(title, entries, feed.etag, feed.modified)
-        store.subscribe(feed.url, {**store.subscriptions().get(feed.url, sub), "last_push": time.time()})
-    except storage.StoreError:
-        fail(503, "the server cannot store entries right now", Retry_After="10")   # the hub retries
-    return accepted()
-
-
-def accepted():
-    bottle.response.status = 202
-    bottle.response.content_type = "text/plain"
-    no_store()
-    return ""
+    return websub.pushed(token, settings, store, feeds)
 
 
 # -- Status and pages ---------------------------------------------------------
 
 
-# Not through Bottle's JSON plugin: the answer is JSON already, and one call less
-# in each parked poll's stack is less to save and restore at every switch.
-@app.get("/<name>/updates", skip=["json"])
-def stream_updates(name):
-    if name not in streams:
-        fail(404, f"no stream named {name}")
-    cursor = parse_cursor()
-    # A chat poll may say which browser polls: every poll is a heartbeat.
-    browser = presence.arrive() if name == "chat" else None
-    try:
-        return updates(streams[name], cursor)
-    finally:
-        if browser:
-            presence.depart(browser)
-
-
 @app.get("/status")
 def status():
-    no_store()
+    checks.no_store()
     try:
         subs = store.subscriptions() if settings.public_url else {}
     except storage.StoreError:
         subs = {}           # the storage row says why
     return {
         "waiting": sum(s.waiting for s in streams.values()),
-        "poll_room": poll_places - parked_total,
+        "poll_room": parking.places - parking.total,
         "streams": {name: {"last_id": s.last_id, "kept": len(s.items), "waiting": s.waiting}
                     for name, s in streams.items()},
-        "feeds": [{**f.status(), "push": push_status(f, subs.get(f.url))} for f in feeds],
+        "feeds": [{**f.status(), "push": websub.push_status(f, subs.get(f.url), settings)} for f in feeds],
         "storage": store.status(),
         # Garbage collections so far, per generation: a full one (the last)
         # scans every parked client's objects; the benchmark counts them.
@@ -1598,247 +632,13 @@ def static(path):
 
 bottle.TEMPLATE_PATH[:] = [str(HERE / "views")]
 
-# -- The front door and main() ------------------------------------------------
-
-
-class SlowRequest(Exception):
-    """A client took longer than --client-timeout to send its request."""
-
-
-def abort(sock):
-    """Make the coming close a reset (SO_LINGER on, 0 s): a plain close would
-    leave the kernel holding the unread answer in FIN_WAIT1 for minutes."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-
-
-def unsent(sock):
-    """Bytes of what was written to sock that its client has not taken yet."""
-    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
-
-
-class SocketWriter:
-    """A connection's wfile that sends what it is given at once. eventlet writes
-    each answer whole (writelines()), so a buffer kept for the connection's
-    life only costs every parked client (measured at 10,000: 1.5 KB a client,
-    and 7 % of the CPU an answer takes)."""
-
-    closed = False
-
-    def __init__(self, sock):
-        self.sock = sock
-
-    def write(self, data):
-        try:
-            self.sock.sendall(data)     # within the socket timeout: an answer never read does not hold the connection
-        except (TimeoutError, SlowRequest):
-            abort(self.sock)
-            raise
-        return len(data)
-
-    def writelines(self, lines):
-        self.write(b"".join(lines))
-
-    def flush(self):
-        pass                        # nothing is held back
-
-    def close(self):
-        self.closed = True          # the socket is eventlet's to close, in finish()
-
-
-class Protocol(eventlet.wsgi.HttpProtocol):
-    """eventlet's HTTP/1.1 server with what a server facing hostile clients needs
-    more: a deadline for each whole request, a cap on connections per address,
-    and strict framing."""
-
-    # Each connection keeps its read buffer for its whole life (eventlet's
-    # default is 8 KB); requests here are small, and a small buffer holds more
-    # parked clients (measured at 10,000, with the write buffer alike: 33 -> 27 KB a client).
-    rbufsize = 1024
-    open_by_address = collections.Counter()     # peer address -> connections it holds open now
-
-    def setup(self):
-        # eventlet's setup(), less its SSL cases and its write buffer (SocketWriter).
-        conn = self.connection = self.request
-        # An answer longer than a segment goes out in several: without
-        # TCP_NODELAY the last, short one could wait for the client's delayed ACK.
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.rfile = conn.makefile("rb", self.rbufsize)
-        self.wfile = SocketWriter(conn)
-
-    def handle(self):
-        # Whatever its connections do (a slow request, an idle keep-alive, an
-        # answer never read), one address may not hold them all. A trusted
-        # proxy carries everyone's; its clients are limited by X-Forwarded-For.
-        self.address = address = address_key(self.client_address[0])
-        counted = address not in settings.trusted_proxy
-        if counted:
-            if self.open_by_address[address] >= settings.connections_per_address:
-                return                              # finish() closes it, unread
-            self.open_by_address[address] += 1
-        try:
-            super().handle()
-        finally:
-            if counted:
-                self.open_by_address[address] -= 1
-                if not self.open_by_address[address]:
-                    del self.open_by_address[address]
-
-    def handle_one_request(self):
-        # Yield first: in a fan-out, every woken poll writes its answer before
-        # any of them sets about reading its next request (at 10,000 clients,
-        # measured 76-82 against 82-99 us of server CPU per answer, 1 KB less
-        # memory per parked client).
-        eventlet.sleep(0)
-        # eventlet's socket timeout is per read, so a byte every few seconds
-        # holds a connection for ever. This deadline is for the whole request,
-        # from the wait for its first byte (an idle keep-alive too) to the end
-        # of its body; the app ends it once the request is read (front_door()).
-        self.deadline = eventlet.Timeout(settings.client_timeout, SlowRequest)  # made only if raised
-        try:
-            super().handle_one_request()
-        except SlowRequest:
-            self.close_connection = 1
-            if unsent(self.connection):     # it stopped reading its answers: gone, not held in FIN_WAIT1
-                abort(self.connection)
-        finally:
-            self.deadline.cancel()
-            # The environ is in cycles (with eventlet's set_idle closure, Bottle's
-            # header dict): emptied, each request is freed by reference counting,
-            # not left to a full garbage collection over every parked client.
-            environ = vars(self).pop("environ", {})
-            if "longpoll.close" in environ:     # the app said this connection ends with its answer
-                self.close_connection = 1
-            environ.clear()
-
-    def _read_request_line(self):
-        # A request line ended by a CR alone would be waited on, for an LF that
-        # never comes, until the deadline: what has arrived is looked at first.
-        try:
-            ahead = self.rfile.peek()       # the read that readline() would make first anyway
-        except (OSError, ValueError):
-            return b""                      # gone, silent past the socket timeout, or closed
-        cr = ahead.find(b"\r")
-        if 0 <= cr < len(ahead) - 1 and ahead[cr + 1] != ord("\n"):
-            self.send_error(400, "malformed request: a line ends with CR alone, not CRLF")
-            return b""
-        line = super()._read_request_line()
-        if len(line) >= self.server.url_length_limit:     # eventlet would answer it, in plain text
-            self.send_error(414, f"the request line is over {self.server.url_length_limit // 1024} KB")
-            return b""
-        return line
-
-    def get_environ(self):
-        environ = super().get_environ()
-        environ["longpoll.request_read"] = self.deadline.cancel
-        environ["longpoll.address"] = self.address
-        return environ
-
-    def parse_request(self):
-        # http.server parses each request's headers with the email package's
-        # feed parser, most of the CPU a parked poll costs (47 against 9 us a
-        # request, measured). llhttp (httptools, Node's parser) is also strict
-        # where that one is lenient: folded lines, a space before the colon,
-        # two Content-Lengths, bare LF line ends are all refused.
-        self.command, self.request_version = None, "HTTP/1.0"    # what send_error() may read
-        self.close_connection = True                            # unless the request says otherwise
-        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
-        if not self.requestline.strip():
-            return False
-        if " HTTP/" not in self.requestline:
-            # HTTP/0.9 ("GET /path"): no headers follow, so none are waited for.
-            self.send_error(505, "HTTP/0.9 is not supported: send HTTP/1.1")
-            return False
-        head = [self.raw_requestline]
-        while head[-1] not in (b"\r\n", b"\n"):
-            if not head[-1]:
-                return False                                    # closed before its headers ended
-            if len(head) > MAX_HEADERS:
-                self.send_error(431, "too many header lines")
-                return False
-            try:
-                head.append(self.rfile.readline(65537))     # eventlet's reader bounds each line, and all of them
-            except eventlet.wsgi.HeaderLineTooLong:         # which eventlet would answer in plain text
-                self.send_error(400, f"a header line is over {eventlet.wsgi.MAX_HEADER_LINE // 1024} KB")
-                return False
-            except eventlet.wsgi.HeadersTooLarge:
-                self.send_error(400, f"the request's headers are over {eventlet.wsgi.MAX_TOTAL_HEADER_SIZE // 1024} KB")
-                return False
-        self.url, self.headers = b"", http.client.HTTPMessage()
-        parser = httptools.HttpRequestParser(self)      # calls on_url() and on_header() below
-        # Transfer-Encoding beside Content-Length is let through, to be refused
-        # below with every Transfer-Encoding: a 411 that says to send Content-Length.
-        parser.set_dangerous_leniencies(lenient_chunked_length=True)
-        try:
-            parser.feed_data(b"".join(head))
-        except httptools.HttpParserUpgrade:
-            pass                    # an Upgrade this server does not do: answered as HTTP/1.1
-        except httptools.HttpParserError as e:
-            self.send_error(400, f"malformed request: {e}")
-            return False
-        version = parser.get_http_version()
-        if version not in ("1.0", "1.1"):
-            self.send_error(505, f"HTTP/{version} is not supported: send HTTP/1.1")
-            return False
-        self.command, self.request_version = parser.get_method().decode("ascii"), f"HTTP/{version}"
-        self.path = self.url.decode("iso-8859-1")
-        # Not parser.should_keep_alive(): llhttp forgets the Connection header once a bodiless request is complete.
-        connection = {token.strip() for token in self.headers.get("Connection", "").lower().split(",")}
-        self.close_connection = "close" in connection or (version == "1.0" and "keep-alive" not in connection)
-        # The access log shows the request line: never with a browser's presence id in it.
-        if "browser=" in self.requestline:     # a regular expression only for the polls that carry one
-            self.requestline = re.sub(r"([?&]browser=)[^&\s]*", r"\1-", self.requestline)
-        # Where two readers of a request could disagree on where its body ends
-        # (a proxy in front, and this server), a request could hide another in
-        # its body: refuse what nginx refuses, before reading any of it.
-        lengths = self.headers.get_all("Content-Length") or []
-        if self.headers.get("Transfer-Encoding") is not None:
-            if self.path.startswith("/websub/"):
-                # Some hubs copy the topic's own Transfer-Encoding into the push: theirs to mend.
-                print("longpoll: refused a WebSub push sent with Transfer-Encoding (411); the hub will retry it, "
-                      "in vain until it sends Content-Length alone", file=sys.stderr, flush=True)
-            self.send_error(411, "chunked request bodies are not accepted: send Content-Length")
-        elif len(lengths) > 1 or not all(re.fullmatch(r"[0-9]{1,18}", n) for n in lengths):
-            self.send_error(400, "Content-Length must be given once, as a number of bytes")
-        elif lengths and int(lengths[0]) > DISCARD_FACTOR * (
-                MAX_FEED_BYTES if self.path.startswith("/websub/") else MAX_BODY_BYTES):
-            # Too big even to read and drop for its 413 (read_body()): refused, and cut unread.
-            self.send_error(413, "request body is far over the limit")
-        else:
-            return True
-        return False
-
-    def on_url(self, url):
-        self.url += url
-
-    def on_header(self, name, value):
-        self.headers[name.decode("iso-8859-1")] = value.decode("iso-8859-1")
-
-    def send_error(self, code, message=None, explain=None):
-        # Every refusal before the app is JSON too, and ends the connection:
-        # what follows on it may be a body that was never read.
-        body = json.dumps({"error": message or self.responses[code][0]}).encode()
-        self.wfile.write(b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-                         b"Connection: close\r\n%s\r\n%s" % (
-                             code, self.responses[code][0].encode(), len(body),
-                             b"".join(b"%s: %s\r\n" % (n.encode(), v.encode()) for n, v in SAFE_HEADERS), body))
-        self.close_connection = 1
-
-
-def open_files_limit():
-    """Raise the soft open-files limit to the hard one; return it."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        return target
-    except (ValueError, OSError):
-        return soft
+# -- main() -------------------------------------------------------------------
 
 
 def main(argv=None):
-    global settings, store, posting, streams, presence
-    settings = parse_args(argv)
-    settings.loopback_only = is_loopback(settings.host)
+    global settings, store, posting, streams, here
+    settings = flags.parse_args(argv)
+    settings.loopback_only = checks.is_loopback(settings.host)
     try:
         # No SO_REUSEPORT: a second copy on a taken port must fail, not share it.
         sock = eventlet.listen((settings.host, settings.port), backlog=4096, reuse_port=False)
@@ -1849,30 +649,22 @@ def main(argv=None):
             store = sharing.RedisStore(settings.redis, settings.history, settings.keep)
             posting = sharing.RedisBuckets(store)
         else:
-            store, posting = storage.Store(settings.db, settings.history, settings.keep), TokenBucket()
+            store, posting = storage.Store(settings.db, settings.history, settings.keep), checks.TokenBucket()
         streams = open_streams(store, settings.history)
-        snapshots = Snapshots()
-        streams["presence"] = Stream("presence", snapshots, 1)
-        snapshots.deliver = lambda key, items: streams["presence"].add(items)
     except storage.StoreError as e:
         where = f"--redis {settings.redis}" if settings.redis else f"--db {settings.db}"
         sys.exit(f"longpoll: {where}: {e}")
-    # eventlet serves at most 1024 connections by default, idle keep-alives
-    # included, and its accept loop dies if it runs out of descriptors: size the
-    # pool from the open-files limit, below it.
-    global poll_places
-    max_clients = open_files_limit() - FD_RESERVE
-    if max_clients < 10000:
-        print(f"longpoll: the open-files limit allows only {max_clients} clients", file=sys.stderr)
+    max_clients = frontdoor.pool_size(FD_RESERVE)
     # A tenth of the pool is kept from parked polls, for posts, pages and /status.
-    poll_places = max_clients - max_clients // 10
+    parking.places = max_clients - max_clients // 10
 
     feeds[:] = [Feed(url) for url in dict.fromkeys(settings.feed)]
     for f in feeds:
         eventlet.spawn(f.run)
-    presence = Presence()
-    eventlet.spawn(presence.run)
-    metrics.watch(streams, store, feeds, client_address, settings.trusted_proxy + settings.metrics_from)
+    here = presence.Presence(settings, store, streams["presence"])
+    eventlet.spawn(here.run)
+    metrics.watch(streams, store, feeds, functools.partial(checks.client_address, settings),
+                  settings.trusted_proxy + settings.metrics_from)
     # A request leaves no garbage cycles (Protocol, error_body(), rendered()),
     # so the collector has little to find, yet a full collection scans every
     # parked client's objects (half a second at 10,000), landing in a park wave
@@ -1885,12 +677,7 @@ def main(argv=None):
     host, port = sock.getsockname()[:2]
     # app.wsgi, not app: a call through Bottle.__call__ is one more C-level frame
     # in the stack every parked poll saves (measured: 0.7 KB a parked client).
-    server = eventlet.spawn(
-        eventlet.wsgi.server, sock, app.wsgi, max_size=max_clients, protocol=Protocol,
-        log_output=settings.access_log, debug=False, capitalize_response_headers=False,
-        # Never socket.setdefaulttimeout(): it would apply to the listening
-        # socket too. These drop a client that is slow to send its request.
-        socket_timeout=settings.client_timeout, keepalive=settings.client_timeout)
+    server = frontdoor.serve(sock, app.wsgi, settings, max_clients)
 
     # Ctrl-C or SIGTERM: the hub sleeps in epoll until its next timer, so the
     # signal writes to a pipe that the main green thread waits on, which wakes it at once.

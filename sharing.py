@@ -1,4 +1,4 @@
-"""Several longpoll processes sharing both streams through one Redis (--redis URL).
+"""Several longpoll processes sharing their streams through one Redis (--redis URL).
 
 Redis takes the place of the SQLite file, and one thing more: it tells every
 process of every item, whichever process published it.
@@ -95,7 +95,7 @@ redis.call('SET', KEYS[1], string.format('%d', now))
 return now
 """
 
-# The token bucket of TokenBucket in longpoll.py, written again in Lua because
+# checks.TokenBucket, written again in Lua because
 # several processes must read and update one address's bucket in one step,
 # which on Redis only a script does; on Redis's clock, shared by all.
 # KEYS: bucket; ARGV: rate, burst. Returns seconds to wait as a string (0: posted).
@@ -114,7 +114,7 @@ return '0'
 
 class RedisStore:
     """The store of a process that shares its streams with others through Redis:
-    storage.Store's interface, with the ids given by Redis."""
+    storage.Contract, with the ids given by Redis."""
 
     shared = True       # ids come from Redis, and follow() brings every item into memory
 
@@ -249,7 +249,7 @@ class RedisStore:
         self.call(self.redis.hset, PREFIX + "subscriptions", url, json.dumps(record), writes=True)
 
     def presence(self, mine, leaves):
-        """Share this process's present browsers (longpoll.Presence.mine()) and hear
+        """Share this process's present browsers (presence.Presence.mine()) and hear
         every process's, with every leave. Each process keeps its own hash, which
         lapses if the process dies; the browser ids stay in Redis."""
         now = time.time()

@@ -8,7 +8,10 @@ browser was shown or a POST was acknowledged for is lost to a crash. Each
 stream's last id is kept too, so a restart continues the ids even of a stream
 nobody has published to. All the SQL of the app is in this file.
 
-sharing.RedisStore is the same interface on Redis, for several processes.
+The store contract is written here once: StreamContract, what a Stream asks
+of its store, and Contract, what the rest of the app asks too. Store meets it
+in one process, sharing.RedisStore on Redis for several, and Unkept is the
+store of a stream not stored (it meets StreamContract).
 """
 
 import json
@@ -16,6 +19,7 @@ import os
 import sqlite3
 import sys
 import time
+import typing
 
 SCHEMA_VERSION = 3
 # MIGRATIONS[v] takes a database from schema version v to v + 1; a new file is version 0.
@@ -61,12 +65,74 @@ class Conflict(Exception):
     from it first. Read it again and work out what is new afresh."""
 
 
-class Store:
-    """One SQLite file, owned by this process for as long as it runs.
+class StreamContract(typing.Protocol):
+    """What a Stream asks of its store. Store, sharing.RedisStore and Unkept
+    (the store of a stream not stored) each have these."""
 
-    The interface every store has (sharing.RedisStore too): load() a stream at
-    start, append() a batch -- ids given, kept, then delivered -- and issued(),
-    whether a cursor above what this process has seen was ever given out."""
+    deliver: typing.Callable    # set by open_streams(): deliver(stream, items) hands a stored batch to its Stream
+
+    def load(self, stream):
+        """At start: (the newest kept items, oldest first; the stream's last id)."""
+
+    def append(self, stream, batch, **record):
+        """Give each item of batch its id, keep it (with what record says goes with it),
+        deliver it; return (the items, True), or ([an original], False) for a repeat."""
+
+    def issued(self, stream, cursor):
+        """For a cursor above every id this process has seen: the id to wait after
+        if it was given out (elsewhere), None if never. Stream.resolve() asks it."""
+
+
+class Contract(StreamContract, typing.Protocol):
+    """The store contract: what the app asks of the store of its kept streams
+    (--db or --redis), beside what a Stream asks. Store and sharing.RedisStore
+    each have all of these; a method that does nothing for one says why."""
+
+    shared: bool    # whether other processes publish too (then a feed's state is read afresh before each check)
+
+    def posted(self, client_id, stream, fields):
+        """The message first posted with this client_id, lately, or None (a retry's dedupe)."""
+
+    def page(self, stream, before, limit):
+        """(up to limit of the newest items below id before, oldest first; whether older are kept)."""
+
+    def feed_state(self, url):
+        """What the last check of a feed stored (JSON text), or None."""
+
+    def lease(self, url, seconds):
+        """Take a feed's lease to check it: (0, None) if held now, else (seconds left, the holder's report)."""
+
+    def hold(self, url, seconds, report):
+        """Keep the feed's lease seconds more, and report how its check went."""
+
+    def release(self, url):
+        """Give up the feed's lease, whoever holds it (a hub's denial: checked here next)."""
+
+    def subscriptions(self):
+        """Each feed's WebSub subscription, by feed URL."""
+
+    def subscribe(self, url, record):
+        """Keep (or replace) a feed's WebSub subscription."""
+
+    def presence(self, mine, leaves):
+        """Share this process's present browsers and its leaves: (everyone's browsers, everyone's leaves)."""
+
+    def leave(self, browser, when):
+        """Record that a browser said it left, for every process to hear."""
+
+    def start(self):
+        """Begin delivering what other processes publish, once the Streams are open."""
+
+    def status(self):
+        """The storage row of /status: where, whether it works, and why not."""
+
+    def close(self):
+        """At shutdown."""
+
+
+class Store:
+    """One SQLite file, owned by this process for as long as it runs: the
+    Contract above, for a process alone (sharing.RedisStore is the same for several)."""
 
     shared = False      # this process gives every id itself (see sharing.RedisStore)
 
@@ -230,7 +296,7 @@ class Store:
         return mine, leaves
 
     def leave(self, browser, when):
-        pass
+        """Nothing to share: Presence keeps this process's leaves itself."""
 
     def start(self):
         """Nothing to follow: every item here was published by this process."""
@@ -240,10 +306,10 @@ class Store:
         return 0, None
 
     def hold(self, url, seconds, report):
-        pass
+        """Nothing to keep: no other process waits on the lease."""
 
     def release(self, url):
-        pass
+        """Nothing to give up: this process always holds the lease."""
 
     def status(self):
         return {"db": self.path, "ok": self.error is None, "error": self.error}
@@ -286,3 +352,24 @@ def explain(error, path):
         why = "the disk is full" if disk and disk.f_bavail == 0 else "is the disk full, or a file size limit reached?"
         return f"cannot write: {text} ({why})"
     return text
+
+
+class Unkept:
+    """The store of a stream that is not stored (presence's snapshots): the
+    StreamContract, with ids given by this process and nothing kept, as a
+    snapshot is worth nothing after a restart."""
+
+    def __init__(self):
+        self.deliver, self.last_id = None, 0
+
+    def load(self, stream):
+        return [], 0        # nothing kept: ids start afresh at each start
+
+    def append(self, stream, batch):
+        items = [{"id": self.last_id + n, **fields} for n, fields in enumerate(batch, 1)]
+        self.last_id += len(items)
+        self.deliver(stream, items)
+        return items, True
+
+    def issued(self, stream, cursor):
+        return None         # every id it gave, this process has seen
