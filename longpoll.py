@@ -339,13 +339,11 @@ def past_messages():
     limit = bottle.request.query.get("limit", "50")
     if not (re.fullmatch(r"[0-9]{1,3}", limit) and 1 <= int(limit) <= MAX_PAGE):
         checks.fail(400, f"limit must be a whole number from 1 to {MAX_PAGE}")
-    # Each page is read and encoded from the store: a flood of them is refused
-    # before it costs anyone else (per process: it is this process's CPU it guards).
+    # A flood is refused before it costs anyone else (this process's CPU: counted
+    # per process), and held a second first: 400 connections pipelining got 1,900
+    # refusals a second, and a bystander waited 0.5-1 s behind them; held, 1 ms.
     wait = reading_past.take(checks.client_address(settings), PAST_RATE, PAST_BURST)
     if wait:
-        # Held a second before it hears so: 400 connections pipelining such
-        # requests were answered about 1,900 refusals a second, and a bystander's
-        # /status waited 0.5-1 s behind them; held, 400 a second, and 1 ms (p50).
         eventlet.sleep(1)
         wait = math.ceil(wait)
         checks.fail(429, f"too many pages of the past; try again in {wait} s", Retry_After=str(wait))
@@ -665,12 +663,10 @@ def main(argv=None):
     eventlet.spawn(here.run)
     metrics.watch(streams, store, feeds, functools.partial(checks.client_address, settings),
                   settings.trusted_proxy + settings.metrics_from)
-    # A request leaves no garbage cycles (Protocol, error_body(), rendered()),
-    # so the collector has little to find, yet a full collection scans every
-    # parked client's objects (half a second at 10,000), landing in a park wave
-    # or a fan-out. Start-up's objects are frozen out of its scans for good,
-    # and it runs after 100,000 net new objects instead of 700, not once per
-    # few dozen parked polls.
+    # A request leaves no garbage cycles (Protocol, error_body(), rendered()), yet a
+    # full collection scans every parked client's objects (half a second at 10,000),
+    # mid-wave: start-up's objects are frozen out of its scans for good, and it
+    # runs after 100,000 net new objects instead of 700.
     gc.freeze()
     gc.set_threshold(100_000, 10, 10)
 
