@@ -6,7 +6,7 @@ of who is here are worked out at most twice a second, with every process
 through the store (its presence() and leave()), and published on the stream
 it is handed, which /presence/updates waits on as polls do. A Presence is
 handed the settings, the store and that stream by main(); this module uses
-the request checks and eventlet, nothing of longpoll."""
+bottle, eventlet, the request checks and the store's errors, nothing of longpoll."""
 
 import collections
 import hashlib

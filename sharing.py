@@ -3,7 +3,7 @@
 Redis takes the place of the SQLite file, and one thing more: it tells every
 process of every item, whichever process published it.
 
-- Each app stream is a Redis Stream whose entry ids are the contract's ids
+- Each stored stream (the chat and the feed) is a Redis Stream whose entry ids are the contract's ids
   (`N-0`). A Lua script gives the next ids and appends them in one atomic step,
   so every process agrees on them.
 - follow() is one green thread per process: XREAD BLOCK from the last id it has

@@ -365,7 +365,8 @@ class Unkept:
     def load(self, stream):
         return [], 0        # nothing kept: ids start afresh at each start
 
-    def append(self, stream, batch):
+    def append(self, stream, batch, **record):
+        # record: nothing is kept beside a snapshot, as nothing is kept at all
         items = [{"id": self.last_id + n, **fields} for n, fields in enumerate(batch, 1)]
         self.last_id += len(items)
         self.deliver(stream, items)

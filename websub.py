@@ -7,7 +7,7 @@ is published through the feed's take_in(), as a fetch is. After each check
 the feed's thread calls keep_pushed() to subscribe, or renew, when due; while
 pushed, a feed is polled only as a safety net. Each function is handed the
 settings, the store and the feeds it reads (longpoll.py's routes and Feed
-call them); this module uses the request checks and feedtext, nothing of longpoll."""
+call them); this module uses the request checks, feedtext and the stores, nothing of longpoll."""
 
 import base64
 import hmac
