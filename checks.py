@@ -231,8 +231,15 @@ def text_field(data, name, limit, allowed="", required=False, refused=()):
     return value
 
 
+def too_many(wait, what):
+    """A 429 for a client past its allowance: wait is what its bucket's take() said."""
+    if wait:
+        wait = math.ceil(wait)
+        fail(429, f"too many {what}; try again in {wait} s", Retry_After=str(wait))
+
+
 class TokenBucket:
-    """Posting allowance per client address: `burst` at once, refilled at `rate` a second."""
+    """An allowance per client address: `burst` at once, refilled at `rate` a second."""
 
     def __init__(self):
         self.buckets = collections.OrderedDict()    # address -> (tokens, time), oldest use first

@@ -36,7 +36,6 @@ import functools
 import gc
 import itertools
 import json
-import math
 import os
 import re
 import signal
@@ -319,10 +318,8 @@ def post_message():
         original = client_id and store.posted(client_id, streams["chat"].key, message)
         if original:
             return checks.json_bytes(original)         # a retry whose first answer was lost
-        wait = posting.take(checks.client_address(settings), settings.post_rate, settings.post_burst)
-        if wait:
-            wait = math.ceil(wait)
-            checks.fail(429, f"too many messages; try again in {wait} s", Retry_After=str(wait))
+        checks.too_many(posting.take(checks.client_address(settings), settings.post_rate, settings.post_burst),
+                        "messages")
         [message], new = streams["chat"].publish(message, client_id=client_id)
     except storage.StoreError:
         checks.fail(503, "the server cannot store messages right now; try again shortly", Retry_After="10")
@@ -345,8 +342,7 @@ def past_messages():
     wait = reading_past.take(checks.client_address(settings), PAST_RATE, PAST_BURST)
     if wait:
         eventlet.sleep(1)
-        wait = math.ceil(wait)
-        checks.fail(429, f"too many pages of the past; try again in {wait} s", Retry_After=str(wait))
+    checks.too_many(wait, "pages of the past")
     checks.no_store()
     bottle.response.content_type = "application/json"
     chat = streams["chat"]

@@ -11,7 +11,6 @@ bottle, eventlet, the request checks and the store's errors, nothing of longpoll
 import collections
 import hashlib
 import itertools
-import math
 import re
 import time
 
@@ -77,10 +76,7 @@ class Presence:
         entry["ended"] = time.time()
 
     def leave(self, browser):
-        wait = self.leaving.take(checks.client_address(self.settings), LEAVE_RATE, LEAVE_BURST)
-        if wait:
-            wait = math.ceil(wait)
-            checks.fail(429, f"too many leaves; try again in {wait} s", Retry_After=str(wait))
+        checks.too_many(self.leaving.take(checks.client_address(self.settings), LEAVE_RATE, LEAVE_BURST), "leaves")
         if browser not in self.local and browser not in self.present:
             return      # not a browser that is here: nothing to store, nothing for every process to read
         self.leaves[browser] = time.time()
