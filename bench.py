@@ -95,6 +95,16 @@ class App:
             fields = f.read().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / TICKS
 
+    def settle(self, still=0.1):
+        """Wait until the server has used no CPU for `still` seconds."""
+        before = self.cpu()
+        while True:
+            time.sleep(still)
+            now = self.cpu()
+            if now == before:
+                return
+            before = now
+
     def wait_until(self, predicate, timeout, what, every=0.05):
         deadline = time.monotonic() + timeout
         while not predicate(self.status()):
@@ -254,7 +264,11 @@ def fan_out(apps, n, rounds, present=False):
         post_ms = (time.perf_counter() - start) * 1000
         errors = early + (status != 201) + answers(sel, n, lambda body: body["messages"] == [message])
         # CPU per client: user + system time of the server processes over the
-        # phase, which a busy box moves far less than it moves latencies.
+        # phase, which a busy box moves far less than it moves latencies. Taken
+        # once they are idle, so that the work a wave leaves after its last
+        # answer (each poll going back to reading its connection) counts too.
+        for a in apps:
+            a.settle()
         cpu_answered, gc_answered = total(App.cpu), full_collections()
         latencies = [(c.answered_at - start) * 1000 for c in clients if c.answered_at]
         results.append({

@@ -669,7 +669,7 @@ def main(argv=None):
     host, port = sock.getsockname()[:2]
     # app.wsgi, not app: a call through Bottle.__call__ is one more C-level frame
     # in the stack every parked poll saves (measured: 0.7 KB a parked client).
-    server = frontdoor.serve(sock, app.wsgi, settings, max_clients)
+    server = frontdoor.serve(sock, app.wsgi, settings, max_clients, wakeup.pause)
 
     # Ctrl-C or SIGTERM: the hub sleeps in epoll until its next timer, so the
     # signal writes to a pipe that the main green thread waits on, which wakes it at once.

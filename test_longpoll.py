@@ -210,6 +210,39 @@ def test_a_request_arriving_during_a_wave_is_read_before_the_wave_ends():
     assert order.index("request read") <= wakeup.WAKE_SLICE     # after the first slice at the latest
 
 
+def test_a_wave_writes_every_answer_before_its_polls_go_back_to_reading_and_no_one_else_waits_on_it():
+    # What the front door does between requests (wakeup.pause()): a woken poll
+    # reads its next request only after the wave's last answer (going back to
+    # reading had taken a quarter of a wave's CPU before its last answer, and a
+    # quarter more on its p99); a connection no publish woke, a poster's, is not
+    # held behind the wave.
+    stream = memory_stream(10)
+    order = []
+
+    def poll():
+        stream.wait(0, 30)
+        order.append("answered")
+        if order.count("answered") == 1:
+            eventlet.spawn(poster)
+        wakeup.pause()
+        order.append("reading")
+
+    def poster():
+        wakeup.pause()
+        order.append("poster reads")
+    polls = [eventlet.spawn(poll) for _ in range(5 * wakeup.WAKE_SLICE)]
+    eventlet.sleep(0)
+    stream.publish({"body": "hello"})
+    with eventlet.Timeout(5):
+        for p in polls:
+            p.wait()
+    answered = [i for i, what in enumerate(order) if what == "answered"]
+    reading = [i for i, what in enumerate(order) if what == "reading"]
+    assert len(answered) == len(reading) == len(polls)
+    assert max(answered) < min(reading)
+    assert order.index("poster reads") < max(answered)      # read between the wave's slices
+
+
 def test_wait_times_out_empty_at_the_same_cursor():
     stream = memory_stream(10)
     stream.publish({"body": "old"})
@@ -384,7 +417,7 @@ def test_requests_leave_no_garbage_cycles(monkeypatch):
     monkeypatch.setattr(longpoll, "streams", longpoll.open_streams(store, 10))
     monkeypatch.setattr(longpoll, "here", presence.Presence(longpoll.settings, store, longpoll.streams["presence"]))
     listener = eventlet.listen(("127.0.0.1", 0))
-    server = eventlet.spawn(eventlet.wsgi.server, listener, longpoll.app, protocol=frontdoor.protocol(longpoll.settings),
+    server = eventlet.spawn(eventlet.wsgi.server, listener, longpoll.app, protocol=frontdoor.protocol(longpoll.settings, wakeup.pause),
                             log_output=False, debug=False, socket_timeout=5, keepalive=5)
     post = json.dumps({"body": "hi"}).encode()
     # (request line, headers beyond Host, body): answered, refused, paged, posted.
