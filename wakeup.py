@@ -31,10 +31,10 @@ class Wakeup:
     and the hub reads no socket until that pass is over. With clients re-polling
     at once, as in a busy room, waves follow each other, and a POST, or a new
     visitor's first request, waited out a whole fan-out. Between slices the hub
-    reads what came in: 3,000 clients re-polling, 5 posts a second, 2 shared
-    cores: POST p99 34 ms against 3.8 s, delivery p99 1.6 s against 2.5 s
-    (bench.py --busy; docs/performance.md, also for what it cost on a more
-    loaded box, and slices of 200: far less gain). One queue, oldest first,
+    reads what came in: 3,000 clients re-polling, 5 posts a second, 2 cores:
+    POST p99 27 ms against 0.67 s, delivery p99 0.98 s against 1.28 s, every
+    message delivered (bench.py --busy; docs/performance.md, also for loaded
+    boxes, and slices of 200: far less gain). One queue, oldest first,
     not a slice of each wave per turn: waves sliced side by side each got a
     slice per turn however many polls they held, and the big ones starved (47 %
     delivered in time at 3,000 clients, delivery p99 7 s)."""
