@@ -556,6 +556,30 @@ def busy(apps, n, rate, posters, seconds, generators, drain=1.0):
             "messages_per_answer": delivered / max(1, answered), "generator_busy": busiest, "errors": errors}
 
 
+def in_turns(servers, sizes, rounds, measure, line):
+    """measure(app, n) of each server (name, how App starts it) at each size, each
+    round a fresh process of each, in turn: a box whose speed drifts during the
+    run (a shared one does) moves them all alike. Prints line(result) as each
+    comes; returns {(name, n): [the result of each round]}."""
+    done = {(name, n): [] for name, _ in servers for n in sizes}
+    for _ in range(rounds):
+        for name, how in servers:
+            for n in sizes:
+                how = dict(how)
+                # A long poll timeout, so that a server slow to park N polls still has them all parked at once.
+                app = App(*how.pop("flags", ("--poll-timeout", "120")), **how)
+                try:
+                    r = measure(app, n)
+                except SystemExit as e:     # a server that cannot park them all in time: said, and on to the next
+                    print(f"{name}, {n} clients: {e}", flush=True)
+                    continue
+                finally:
+                    app.stop()
+                done[name, n].append(r)
+                print(f"{name}, {n} clients: {line(r)}", flush=True)
+    return done
+
+
 def busy_rooms(sizes, rounds, rate, posters, seconds, generators, compare, slices, json_file):
     """The busy room on longpoll.py (with each WAKE_SLICE asked for) and, with
     compare, on the servers of examples/: each round a fresh process of each, in turn."""
@@ -564,25 +588,13 @@ def busy_rooms(sizes, rounds, rate, posters, seconds, generators, compare, slice
                 {"flags": flags, "db": ":memory:", "wake_slice": k}) for k in slices or [None]]
     if compare:
         servers += compared_servers()[1:]
-    done = {(name, n): [] for name, _ in servers for n in sizes}
-    for _ in range(rounds):
-        for name, how in servers:
-            for n in sizes:
-                start = dict(how)
-                app = App(*start.pop("flags", ("--poll-timeout", "120")), **start)
-                try:
-                    r = busy(app, n, rate, posters, seconds, generators)
-                except SystemExit as e:
-                    print(f"{name}, {n} clients: {e}", flush=True)
-                    continue
-                finally:
-                    app.stop()
-                done[name, n].append(r)
-                print(f"{name}, {n} clients: {r['delivered_per_s']:,.0f} delivered/s ({100 * r['delivered_share']:.1f} %), "
-                      f"{r['cpu_us_per_delivered']:.0f} us CPU a message, delivery p50/p99 {r['delivery_p50_ms']:,.0f}/"
-                      f"{r['delivery_p99_ms']:,.0f} ms, POST p50/p99 {r['post_p50_ms']:,.1f}/{r['post_p99_ms']:,.1f} ms, "
-                      f"{r['messages_per_answer']:.1f} messages an answer, busiest generator process "
-                      f"{100 * r['generator_busy']:.0f} %, errors {r['errors']}", flush=True)
+    done = in_turns(servers, sizes, rounds, lambda app, n: busy(app, n, rate, posters, seconds, generators),
+                    lambda r: f"{r['delivered_per_s']:,.0f} delivered/s ({100 * r['delivered_share']:.1f} %), "
+                              f"{r['cpu_us_per_delivered']:.0f} us CPU a message, delivery p50/p99 "
+                              f"{r['delivery_p50_ms']:,.0f}/{r['delivery_p99_ms']:,.0f} ms, POST p50/p99 "
+                              f"{r['post_p50_ms']:,.1f}/{r['post_p99_ms']:,.1f} ms, {r['messages_per_answer']:.1f} "
+                              f"messages an answer, busiest generator process {100 * r['generator_busy']:.0f} %, "
+                              f"errors {r['errors']}")
     rows = [{"server": name, **busy_summary(results)} for (name, n), results in done.items() if results]
     print(f"\nMachine: {os.cpu_count()} cores, {platform()}; server and load generator ({generators} processes) "
           f"on the same box. {rate:g} posts/s from {posters} posters for {seconds:g} s; medians of {rounds} rounds.\n")
@@ -801,26 +813,10 @@ def compared_servers():
 
 def compare(sizes, rounds, json_file):
     """The same long-poll contract on three kinds of server: each round a fresh process of each, in turn."""
-    # A long poll timeout, so that a server slow to park N polls still has them all parked at once.
     servers = compared_servers()
-    done = {(name, n): [] for name, _ in servers for n in sizes}
-    # The servers take turns, a fresh process each round: a box whose speed
-    # drifts during the run (a shared one does) moves them all alike.
-    for _ in range(rounds):
-        for name, how in servers:
-            for n in sizes:
-                app = App("--poll-timeout", "120", **how)
-                try:
-                    r = fan_out(app, n, 1)["rounds"][0]
-                except SystemExit as e:     # a server that cannot park them all in time: said, and on to the next
-                    print(f"{name}, {n} clients: {e}", flush=True)
-                    continue
-                finally:
-                    app.stop()
-                done[name, n].append(r)
-                print(f"{name}, {n} clients: park {r['park_cpu_us']:.0f} µs, answer {r['answer_cpu_us']:.0f} µs "
-                      f"of CPU a client, p99 {r['p99_ms']:.0f} ms, {r['kb_per_client']:.1f} KB/client, "
-                      f"errors {r['errors']}", flush=True)
+    done = in_turns(servers, sizes, rounds, lambda app, n: fan_out(app, n, 1)["rounds"][0],
+                    lambda r: f"park {r['park_cpu_us']:.0f} µs, answer {r['answer_cpu_us']:.0f} µs of CPU a client, "
+                              f"p99 {r['p99_ms']:.0f} ms, {r['kb_per_client']:.1f} KB/client, errors {r['errors']}")
     rows = [{"server": name, **summary(n, 1, results)} for (name, n), results in done.items() if results]
     print(f"\nMachine: {os.cpu_count()} cores, {platform()}; server and load generator on the same box.\n")
     print("| server | parked clients | memory per parked client (resident) | address space reserved "
