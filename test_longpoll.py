@@ -210,6 +210,31 @@ def test_a_request_arriving_during_a_wave_is_read_before_the_wave_ends():
     assert order.index("request read") <= wakeup.WAKE_SLICE     # after the first slice at the latest
 
 
+def test_a_green_thread_that_dies_as_it_is_woken_costs_no_other_its_wake_up():
+    # Each waiter used to have a timer of its own; in a slice, an error that
+    # escapes one green thread (to the hub, through the switch) must not drop the rest.
+    stream = memory_stream(10)
+    died = []
+
+    def poll():
+        stream.wait(0, 30)
+        if not died:
+            died.append(True)
+            raise RuntimeError("a bug in one request")
+        return "answered"
+    polls = [eventlet.spawn(poll) for _ in range(3 * wakeup.WAKE_SLICE)]
+    eventlet.sleep(0)
+    stream.publish({"body": "hello"})
+    answered = 0
+    with eventlet.Timeout(5):               # a waiter dropped would sit out its 30 s
+        for p in polls:
+            try:
+                answered += p.wait() == "answered"
+            except RuntimeError:
+                pass
+    assert died and answered == len(polls) - 1
+
+
 def test_a_wave_writes_every_answer_before_its_polls_go_back_to_reading_and_no_one_else_waits_on_it():
     # What the front door does between requests (wakeup.pause()): a woken poll
     # reads its next request only after the wave's last answer (going back to

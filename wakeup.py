@@ -95,11 +95,14 @@ class Wakeup:
         # (on its next read) switches back here, and the next one is woken.
         # The rest waits for the hub's next turn, after its sockets.
         queue = Wakeup.queue
-        taken = [queue.popleft() for _ in range(min(WAKE_SLICE, len(queue)))]
-        Wakeup.draining = bool(queue)
-        if queue:
-            eventlet.hubs.get_hub().schedule_call_global(0, Wakeup.wake_slice)
-        for call, argument in taken:
+        if not queue:
+            Wakeup.draining = False
+            return
+        # The next turn is booked first: should a green thread die of an error
+        # as it is switched to (the hub reports it), the rest of the queue is not lost.
+        eventlet.hubs.get_hub().schedule_call_global(0, Wakeup.wake_slice)
+        for _ in range(min(WAKE_SLICE, len(queue))):
+            call, argument = queue.popleft()
             call(argument)
 
 
