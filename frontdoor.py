@@ -125,7 +125,7 @@ class Protocol(eventlet.wsgi.HttpProtocol):
     flags and how to yield between requests."""
 
     settings = None
-    pause = staticmethod(eventlet.sleep)
+    pause = None
 
     # Each connection keeps its read buffer for its whole life (eventlet's
     # default is 8 KB); requests here are small, and a small buffer holds more
@@ -301,8 +301,9 @@ class Protocol(eventlet.wsgi.HttpProtocol):
         self.close_connection = 1
 
 
-def protocol(settings, pause=eventlet.sleep):
-    """The Protocol class that eventlet.wsgi.server() makes for each connection, with these flags."""
+def protocol(settings, pause):
+    """The Protocol class that eventlet.wsgi.server() makes for each connection, with
+    these flags, calling pause() before reading each request (eventlet.sleep, if nothing better)."""
     return type("Protocol", (Protocol,), {"settings": settings, "pause": staticmethod(pause)})
 
 
@@ -328,7 +329,7 @@ def pool_size(reserve):
     return max_clients
 
 
-def serve(sock, wsgi_app, settings, max_clients, pause=eventlet.sleep):
+def serve(sock, wsgi_app, settings, max_clients, pause):
     """Serve wsgi_app on the listening sock through this front door, in a green
     thread; each connection calls pause() before reading its next request."""
     return eventlet.spawn(

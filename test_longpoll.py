@@ -210,6 +210,23 @@ def test_a_request_arriving_during_a_wave_is_read_before_the_wave_ends():
     assert order.index("request read") <= wakeup.WAKE_SLICE     # after the first slice at the latest
 
 
+def test_only_a_publish_marks_a_green_thread_woken_and_pausing_clears_the_mark():
+    # The mark is what sends a connection behind the wave: a poll that timed
+    # out, or the next request on a connection, is not held there.
+    stream = memory_stream(10)
+
+    def poll(timeout):
+        stream.wait(0, timeout)
+        marked = wakeup.woken.get()
+        wakeup.pause()
+        return marked, wakeup.woken.get()
+    assert eventlet.spawn(poll, 0.01).wait() == (False, False)
+    woken = eventlet.spawn(poll, 30)
+    eventlet.sleep(0)
+    stream.publish({"body": "hello"})
+    assert woken.wait() == (True, False)
+
+
 def test_a_green_thread_that_dies_as_it_is_woken_costs_no_other_its_wake_up():
     # Each waiter used to have a timer of its own; in a slice, an error that
     # escapes one green thread (to the hub, through the switch) must not drop the rest.

@@ -114,7 +114,9 @@ def pause():
     when a wave was woken in one turn. Back to reading in the next turn, that
     work, a quarter of an answer's, had come before the wave's last answers: at
     10,000 parked, fan-out p99 1.50 s against 1.13 s now, the CPU the same
-    (bench.py, in turns). Any other, a poster's, is not held behind a wave."""
+    (bench.py, in turns). Any other, a poster's, is not held behind a wave;
+    but a request that comes on a woken poll's own keep-alive connection (a
+    browser may send a POST on it) is read after the wave, as before slices."""
     if not woken.get():
         return eventlet.sleep(0)
     woken.set(False)
