@@ -137,22 +137,25 @@ class Stream:
 
     def wait(self, cursor, timeout):
         """Like since(), but wait up to timeout seconds for an item if there is none yet."""
-        # Take the Event before looking: a publish that lands between the look
-        # and the wait has sent this very Event, so the wait returns at once
-        # instead of missing the item (the lost wake-up). The look may yield
-        # (resolve() asks Redis), and this order is what makes that safe.
-        event = self.event
-        items, cursor_out, gap = self.since(cursor)
-        if items or gap or cursor_out != cursor or self.closed:
-            return items, cursor_out, gap
-        self.waiting += 1
-        try:
-            # A client that went away is noticed only when this returns, so the
-            # timeout bounds what an abandoned poll costs.
-            event.wait(timeout)
-        finally:
-            self.waiting -= 1
-        return self.since(cursor)
+        deadline = time.monotonic() + timeout
+        while True:
+            # Take the Event before looking: a publish that lands between the look
+            # and the wait has sent this very Event, so the wait returns at once
+            # instead of missing the item (the lost wake-up). The look may yield
+            # (resolve() asks Redis), and this order is what makes that safe.
+            event = self.event
+            items, cursor_out, gap = self.since(cursor)
+            left = deadline - time.monotonic()
+            if items or gap or cursor_out != cursor or self.closed or left <= 0:
+                return items, cursor_out, gap
+            self.waiting += 1
+            try:
+                # A client that went away is noticed only when this returns, so the
+                # timeout bounds what an abandoned poll costs.
+                event.wait(left)
+            finally:
+                self.waiting -= 1
+            # Woken, look again: with Redis, ids below the cursor (not yet read here) wake it too.
 
     def since(self, cursor):
         """(items newer than cursor, cursor to send next, whether items were dropped).

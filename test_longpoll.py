@@ -2372,6 +2372,26 @@ def test_on_redis_a_poll_on_an_id_not_yet_read_times_out_with_its_own_cursor_the
         assert poll.wait() == ([later], later["id"], False)
 
 
+def test_on_redis_a_poll_on_an_id_on_its_way_is_not_answered_by_what_comes_before_it(on_redis):
+    # A client saw two messages on a; its next poll lands on b, whose reader
+    # has neither yet. Their arrival wakes the poll, with nothing new for it:
+    # it must go on waiting, not answer an empty list early.
+    a, b = on_redis(), on_redis()
+    let_reader_go = hold_reader(b)
+    seen = [a.publish({"body": n})[0][0] for n in ("first", "second")]
+    poll = eventlet.spawn(b.wait, seen[-1]["id"], 30)
+    eventlet.sleep(0)
+    assert b.waiting == 1
+    looked, _ = after_call(b, "since")
+    let_reader_go.send()
+    with eventlet.Timeout(10):
+        looked.wait()                   # woken, it has looked again
+    assert not poll.dead and b.waiting == 1
+    later = a.publish({"body": "later"})[0][0]
+    with eventlet.Timeout(10):
+        assert poll.wait() == ([later], later["id"], False)
+
+
 def test_on_redis_a_reader_that_is_behind_brings_exactly_the_rest_in_order(on_redis):
     a, b = on_redis(), on_redis()
     let_reader_go = hold_reader(b)

@@ -61,8 +61,7 @@ class Wakeup:
         finally:
             timer.cancel()
             self.parked.discard(me)
-        if self.sent:
-            woken.set(True)
+        woken.set(self.sent)
 
     def wake(self, waiter):
         if waiter in self.parked:       # else it is gone already: timed out, or its client left
