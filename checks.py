@@ -9,7 +9,6 @@ settings it reads; this module uses Bottle, the front door and metrics,
 nothing of the app."""
 
 import collections
-import contextlib
 import functools
 import ipaddress
 import json
@@ -117,9 +116,8 @@ class Parking:
         self.total = 0                              # polls parked now, from every address
         self.places = math.inf      # polls that may park at once, below eventlet's pool (main() sets it)
 
-    @contextlib.contextmanager
     def parked(self, settings):
-        """Count a poll parked from the client's address while it waits."""
+        """Count a poll parked from the client's address while it waits: `with parking.parked(settings):`."""
         # One address may not hold every connection (and the memory they cost).
         address = client_address(settings)
         if self.by_address[address] >= settings.polls_per_address:
@@ -129,15 +127,29 @@ class Parking:
             # eventlet accepts nobody, and the post that would answer them cannot get in.
             bottle.request.environ["longpoll.close"] = True    # its place back to the pool, not held idle
             fail(503, "the server is full; try again later", Retry_After="5", Connection="close")
-        self.by_address[address] += 1
-        self.total += 1
-        try:
-            yield
-        finally:
-            self.total -= 1
-            self.by_address[address] -= 1
-            if not self.by_address[address]:
-                del self.by_address[address]     # else the table keeps every address ever seen
+        return Parked(self, address)
+
+
+class Parked:
+    """One poll counted as parked from its address, until its `with` block ends.
+    A class, not a contextlib generator: every parked poll keeps it while it waits
+    (with the protocol made by two calls, frontdoor.protocol(): 21.7 against 20.5 KB a client)."""
+
+    __slots__ = ("parking", "address")
+
+    def __init__(self, parking, address):
+        self.parking, self.address = parking, address
+
+    def __enter__(self):
+        self.parking.by_address[self.address] += 1
+        self.parking.total += 1
+
+    def __exit__(self, *exc):
+        by_address = self.parking.by_address
+        self.parking.total -= 1
+        by_address[self.address] -= 1
+        if not by_address[self.address]:
+            del by_address[self.address]        # else the table keeps every address ever seen
 
 
 def from_trusted_proxy(settings):

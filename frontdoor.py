@@ -302,9 +302,18 @@ class Protocol(eventlet.wsgi.HttpProtocol):
 
 
 def protocol(settings, pause):
-    """The Protocol class that eventlet.wsgi.server() makes for each connection, with
-    these flags, calling pause() before reading each request (eventlet.sleep, if nothing better)."""
-    return type("Protocol", (Protocol,), {"settings": settings, "pause": staticmethod(pause)})
+    """What eventlet.wsgi.server() calls for each connection: a Protocol with these
+    flags, calling pause() before reading each request (eventlet.sleep, if nothing better)."""
+    cls = type("Protocol", (Protocol,), {"settings": settings, "pause": staticmethod(pause)})
+
+    def connection(conn_state, server):
+        # Made and run by two Python calls, not cls(...): eventlet's protocol
+        # serves the whole connection inside __init__, and a call through the
+        # class is C frames that every parked poll's saved stack would keep
+        # (measured: 21.7 against 20.9 KB a parked client).
+        handler = cls.__new__(cls)
+        handler.__init__(conn_state, server)
+    return connection
 
 
 def open_files_limit():
