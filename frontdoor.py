@@ -303,7 +303,7 @@ class Protocol(eventlet.wsgi.HttpProtocol):
 
 def protocol(settings, pause):
     """What eventlet.wsgi.server() calls for each connection: a Protocol with these
-    flags, calling pause() before reading each request (eventlet.sleep, if nothing better)."""
+    flags, calling pause() before reading each request."""
     cls = type("Protocol", (Protocol,), {"settings": settings, "pause": staticmethod(pause)})
 
     def connection(conn_state, server):

@@ -105,7 +105,8 @@ class Stream:
         self.event = wakeup.Wakeup()        # what waiters wait on; sent, and replaced, by each add()
         self.waiting = 0
         self.closed = False
-        # Worked out once per publish for every poll, and forgotten at the next (keep()):
+        # Worked out once per publish for every poll (keep()): the JSON of each kept
+        # item, and the rest until the next publish.
         self.encoded = collections.OrderedDict()    # id -> that item's JSON, encoded once for every answer
         self.answers = {}                           # answers given since the last publish, by what they hold
         self.pages = {}                             # since()'s results since the last publish, by cursor

@@ -14,8 +14,9 @@ import eventlet.hubs
 
 import metrics
 
-# Parked polls woken in one turn of eventlet's hub, before the hub reads its
-# sockets again (Wakeup.wake_slice()). Measured in bench.py --busy: see docs/performance.md.
+# Entries of the queue done in one turn of eventlet's hub, before the hub reads
+# its sockets again (Wakeup.wake_slice()): parked polls to wake, and the woken
+# ones' returns to reading (pause()). Measured in bench.py --busy: see docs/performance.md.
 WAKE_SLICE = 50
 
 woken = contextvars.ContextVar("woken", default=False)     # in a green thread a publish woke, till pause()
@@ -25,7 +26,7 @@ class Wakeup:
     """What a stream's parked polls wait on until the next publish: like eventlet's
     Event (sent once, ready ever after), except that the waiters it wakes join
     one queue, shared by every stream, that the hub works through WAKE_SLICE
-    waiters per turn.
+    entries per turn.
 
     Why: Event.send() makes every waiter due in the same pass of the hub's timers,
     and the hub reads no socket until that pass is over. With clients re-polling
@@ -77,7 +78,7 @@ class Wakeup:
         if self.parked:
             Wakeup.queue.extend((self.wake, waiter) for waiter in self.parked)
             Wakeup.queue.append((self.waved, None))
-        Wakeup.drain()
+            Wakeup.drain()
 
     def waved(self, _):
         metrics.wave(time.perf_counter() - self.sent_at)
