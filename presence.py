@@ -50,8 +50,7 @@ class Presence:
         browser = query.get("browser")
         if browser is None:
             return None         # curl, other clients: served, not counted
-        if not re.fullmatch(r"[A-Za-z0-9_-]{8,64}", browser):
-            checks.fail(400, "browser must be 8 to 64 of A-Z, a-z, 0-9, _ and -")
+        checked(browser)
         nick = query.getunicode("nick", default=None) if "nick" in query else ""
         if nick is None:
             checks.fail(400, "nick must be UTF-8")
@@ -76,6 +75,7 @@ class Presence:
         entry["ended"] = time.time()
 
     def leave(self, browser):
+        checked(browser)
         checks.too_many(self.leaving.take(checks.client_address(self.settings), LEAVE_RATE, LEAVE_BURST), "leaves")
         if browser not in self.local and browser not in self.present:
             return      # not a browser that is here: nothing to store, nothing for every process to read
@@ -139,3 +139,9 @@ class Presence:
 def digest(snapshot):
     """A presence cursor: the same snapshot has the same cursor in every process (52 bits, exact in JavaScript)."""
     return int(hashlib.sha256(checks.json_bytes(snapshot)).hexdigest()[:13], 16)
+
+
+def checked(browser):
+    """A browser id as the pages make them, or a 400."""
+    if not (isinstance(browser, str) and re.fullmatch(r"[A-Za-z0-9_-]{8,64}", browser)):
+        checks.fail(400, "browser must be 8 to 64 of A-Z, a-z, 0-9, _ and -")
