@@ -100,8 +100,11 @@ class Presence:
     def tick(self):
         """Work out who is here, with every process (through the store), and publish it if it changed."""
         now = time.time()
-        self.leaves = {b: t for b, t in self.leaves.items() if now - t < self.settings.presence_grace + 60}
-        self.present, leaves = self.store.presence(self.mine(now), self.leaves)
+        # A leave matters while the browser it names could still be present: one
+        # window, here and in every process's store (a store's own could end first).
+        since = now - self.settings.presence_grace - 60
+        self.leaves = {b: t for b, t in self.leaves.items() if t > since}
+        self.present, leaves = self.store.presence(self.mine(now), self.leaves, since)
         # Gone: a browser that left, once LEAVE_DELAY is over, unless a poll began since.
         here = [e for b, e in self.present.items()
                 if e[2] > now and not (b in leaves and e[1] <= leaves[b] and now >= leaves[b] + LEAVE_DELAY)]

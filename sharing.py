@@ -248,7 +248,7 @@ class RedisStore:
     def subscribe(self, url, record):
         self.call(self.redis.hset, PREFIX + "subscriptions", url, json.dumps(record), writes=True)
 
-    def presence(self, mine, leaves):
+    def presence(self, mine, leaves, since):
         """Share this process's present browsers (presence.Presence.mine()) and hear
         every process's, with every leave. Each process keeps its own hash, which
         lapses if the process dies; the browser ids stay in Redis."""
@@ -264,7 +264,7 @@ class RedisStore:
         pipe.zrange(PREFIX + "here", 0, -1)
         # Only the leaves since the last tick: the whole set twice a second cost every
         # process a third of a core once a flood of leaves had filled it.
-        pipe.xread({PREFIX + "leaves": self.left_read or "%d-0" % ((now - 120) * 1000)}, count=10000)
+        pipe.xread({PREFIX + "leaves": self.left_read or "%d-0" % (since * 1000)}, count=10000)
         *_, processes, left = self.call(pipe.execute, writes=True)
         pipe = self.redis.pipeline(transaction=False)
         for process in processes:
@@ -288,7 +288,7 @@ class RedisStore:
                     self.left[fields["browser"]] = float(fields["when"])
                 except (KeyError, ValueError):
                     continue
-        self.left = {b: t for b, t in self.left.items() if now - t <= 120}
+        self.left = {b: t for b, t in self.left.items() if t > since}
         return everyone, {**self.left, **leaves}
 
     def leave(self, browser, when):

@@ -114,8 +114,9 @@ class Contract(StreamContract, typing.Protocol):
     def subscribe(self, url, record):
         """Keep (or replace) a feed's WebSub subscription."""
 
-    def presence(self, mine, leaves):
-        """Share this process's present browsers and its leaves: (everyone's browsers, everyone's leaves)."""
+    def presence(self, mine, leaves, since):
+        """Share this process's present browsers and its leaves: (everyone's browsers,
+        everyone's leaves made after the time `since`)."""
 
     def leave(self, browser, when):
         """Record that a browser said it left, for every process to hear."""
@@ -291,7 +292,7 @@ class Store:
         self.transaction(lambda: self.db.execute("INSERT OR REPLACE INTO subscriptions VALUES (?, ?)",
                                                  (url, json.dumps(record))))
 
-    def presence(self, mine, leaves):
+    def presence(self, mine, leaves, since):
         """(every process's present browsers, every leave): here, only this process's."""
         return mine, leaves
 

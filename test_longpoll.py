@@ -3361,16 +3361,27 @@ def test_leaves_from_one_address_are_rate_limited(start):
     assert srv.request("POST", "/chat/leave", body={"browser": "browser-a"}, source=loopback(1)).status == 204
 
 
+def test_on_redis_a_leave_is_heard_as_long_as_presence_says_it_matters(redis_url):
+    # With --presence-grace over two minutes, a store that forgot leaves after
+    # its own two minutes brought a browser that had left back into who is here.
+    import sharing
+    store = sharing.RedisStore(redis_url, 10)
+    store.leave("browser-long-grace", time.time() - 150)
+    assert "browser-long-grace" in store.presence({}, {}, time.time() - 200)[1]
+    assert "browser-long-grace" not in store.presence({}, {}, time.time() - 100)[1]
+    store.close()
+
+
 def test_each_process_reads_only_the_leaves_since_its_last_tick(redis_url, monkeypatch):
     import sharing
     store = sharing.RedisStore(redis_url, 10)
     for n in range(1000):
         store.leave(f"browser-{n:04d}", time.time())
-    assert len(store.presence({}, {})[1]) == 1000
+    assert len(store.presence({}, {}, time.time() - 120)[1]) == 1000
     replies, call = [], store.call
     monkeypatch.setattr(store, "call", lambda method, *a, **kw: replies.append(call(method, *a, **kw)) or replies[-1])
     store.leave("browser-late", time.time())
-    assert len(store.presence({}, {})[1]) == 1001
+    assert len(store.presence({}, {}, time.time() - 120)[1]) == 1001
     assert "browser-0001" not in repr(replies) and "browser-late" in repr(replies)    # not the whole set again
     store.close()
 
