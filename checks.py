@@ -30,7 +30,12 @@ BIDI_CONTROLS = set("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u206
 
 
 def fail(status, message, **headers):
-    """Stop the request with a JSON error; nothing has been changed."""
+    """Stop the request with a JSON error; nothing has been changed. With
+    Connection="close", the connection ends with this answer."""
+    if headers.pop("Connection", None) == "close":
+        # eventlet heeds its own flag, not an app's header: set, it says
+        # Connection: close itself, and reads neither the rest of a body nor another request.
+        bottle.request.environ["longpoll.close"]()
     raise bottle.HTTPError(status, message, **headers)
 
 
@@ -125,7 +130,7 @@ class Parking:
         if self.total >= self.places:
             # Polls may not take the pool's last places: with every one parked,
             # eventlet accepts nobody, and the post that would answer them cannot get in.
-            bottle.request.environ["longpoll.close"] = True    # its place back to the pool, not held idle
+            # Closed: its place back to the pool, not held idle.
             fail(503, "the server is full; try again later", Retry_After="5", Connection="close")
         return Parked(self, address)
 

@@ -182,10 +182,7 @@ class Protocol(eventlet.wsgi.HttpProtocol):
             # The environ is in cycles (with eventlet's set_idle closure, Bottle's
             # header dict): emptied, each request is freed by reference counting,
             # not left to a full garbage collection over every parked client.
-            environ = vars(self).pop("environ", {})
-            if "longpoll.close" in environ:     # the app said this connection ends with its answer
-                self.close_connection = 1
-            environ.clear()
+            vars(self).pop("environ", {}).clear()
 
     def _read_request_line(self):
         # A request line ended by a CR alone would be waited on, for an LF that
@@ -207,8 +204,13 @@ class Protocol(eventlet.wsgi.HttpProtocol):
     def get_environ(self):
         environ = super().get_environ()
         environ["longpoll.request_read"] = self.deadline.cancel
+        environ["longpoll.close"] = self.close_after_answer
         environ["longpoll.address"] = self.address
         return environ
+
+    def close_after_answer(self):
+        """environ["longpoll.close"], for checks.fail(..., Connection="close")."""
+        self.close_connection = 1
 
     def parse_request(self):
         # http.server parses each request's headers with the email package's

@@ -1471,6 +1471,28 @@ def test_a_request_sent_slowly_is_dropped_at_the_client_timeout(start, part):
     assert srv.get("/chat/updates").json()["messages"] == []        # the slow post was not published
 
 
+def test_a_408_for_a_slow_body_ends_the_connection(start):
+    # eventlet heeds its own flag, not the app's Connection header: with the
+    # header alone, it read on through the rest of the body, past the deadline,
+    # and then served the next request on the same connection.
+    srv = start("--client-timeout", "1")
+    body = json.dumps({"body": "slow"}).encode()
+    sock = socket.create_connection((srv.host, srv.port), timeout=10)
+    sock.sendall(b"POST /chat/messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body[:1]))
+    stream = sock.makefile("rb")
+    assert stream.readline().startswith(b"HTTP/1.1 408")
+    head = http.client.parse_headers(stream)
+    assert head["Connection"] == "close" and json.loads(stream.read(int(head["Content-Length"])))["error"]
+    try:
+        sock.sendall(body[1:] + b"GET /status HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        after = stream.read()
+    except (BrokenPipeError, ConnectionResetError):
+        after = b""
+    assert after == b""                     # closed: the rest of the body and the next request unread
+    sock.close()
+
+
 def slow_send(sock, data, every):
     """Send data a byte at a time, one each `every` seconds, until the server
     answers or closes; (seconds it took, what the server answered)."""
