@@ -1270,6 +1270,8 @@ FORWARDED_FORMS = [
     ("IPv6: one /64", ["X-Forwarded-For: 2001:db8::1"], ["X-Forwarded-For: 2001:db8:0:0:ffff::2"]),
     ("garbage: counted as written", ["X-Forwarded-For: not an address"], ["X-Forwarded-For: not an address"]),
     ("no hop at all: the proxy itself", ["X-Forwarded-For: , ,"], []),
+    ("an underscore for a dash: not the header", ["X-Forwarded-For: 10.3.0.2"],
+     ["X-Forwarded-For: 10.3.0.2", "X_Forwarded_For: 10.3.0.9"]),
 ]
 
 
@@ -1285,6 +1287,19 @@ def test_forwarded_for_in_odd_forms_from_a_trusted_proxy_counts_one_client(start
             return int(sock.recv(65536).split()[1])
     assert [post(*first), post(*again)] == [201, 429]
     assert post("X-Forwarded-For: 10.9.9.9") == 201        # and the next client is another
+
+
+def test_a_post_that_expects_100_continue_is_told_to_go_on_then_answered(server):
+    # curl sends Expect: 100-continue with any body over 1 KB, and waits for the go-ahead.
+    body = json.dumps({"body": "x" * 2000}).encode()
+    with socket.create_connection((server.host, server.port), timeout=5) as sock:
+        sock.sendall(b"POST /chat/messages HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                     b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body))
+        reader = sock.makefile("rb")
+        assert reader.readline() == b"HTTP/1.1 100 Continue\r\n" and reader.readline() == b"\r\n"
+        sock.sendall(body)
+        assert reader.readline().startswith(b"HTTP/1.1 201 ")
+    assert server.get("/chat/updates").json()["messages"][-1]["body"] == "x" * 2000
 
 
 def test_poll_answers_tell_proxies_not_to_buffer(server):
