@@ -172,11 +172,7 @@ class Stream:
                 cursor = None   # never issued (nor delivered while the store was asked): start over
         # The thousands of polls a publish wakes ask with the same cursor: the
         # page is worked out once for all of them (they only read it).
-        if cursor not in self.pages:
-            if len(self.pages) >= 64:
-                self.pages.clear()          # clients asking with every cursor there is cannot grow it
-            self.pages[cursor] = self.page(cursor)
-        return self.pages[cursor]
+        return remembered(self.pages, cursor, lambda: self.page(cursor))
 
     def resolve(self, cursor):
         """The store's question, for a cursor above every id this process has seen:
@@ -212,36 +208,44 @@ class Stream:
     def page(self, cursor):
         if cursor is None:
             # No cursor: start over from the newest kept items.
-            newest = self.fitting(reversed(self.items))
+            newest = fitting(self.encoded[item["id"]] for item in reversed(self.items))
             return list(itertools.islice(self.items, len(self.items) - newest, None)), self.last_id, False
         first = self.last_id - len(self.items) + 1    # oldest id still kept
         gap = cursor < first - 1
         start = max(0, cursor - first + 1)
-        newer = list(itertools.islice(self.items, start, start + self.fitting(itertools.islice(self.items, start, None))))
+        fit = fitting(self.encoded[item["id"]] for item in itertools.islice(self.items, start, None))
+        newer = list(itertools.islice(self.items, start, start + fit))
         return newer, newer[-1]["id"] if newer else self.last_id, gap
-
-    def fitting(self, items):
-        """How many of items, taken in order, fit in one answer (one at least)."""
-        fit = size = 0
-        for item in items:
-            size += len(self.encoded[item["id"]]) + 1
-            if size > MAX_ANSWER_BYTES and fit:
-                break
-            fit += 1
-        return fit
 
     def answer(self, items, cursor, gap):
         """since()'s result as the JSON of an answer, built once for every poll that
         gets the same: a thousand woken polls cost one encoding, and while they are
         written they share that one copy (eventlet sends a bytes object as it is)."""
-        key = (items[0]["id"] if items else None, cursor, gap)
-        if key not in self.answers:
-            if len(self.answers) >= 64:
-                self.answers.clear()        # clients asking with every cursor there is cannot grow it
+        def encode():
             listed = b",".join(self.encoded.get(item["id"]) or checks.json_bytes(item) for item in items)
-            self.answers[key] = b'{"%s":[%s],"cursor":%d%s}' % (
-                self.key.encode(), listed, cursor, b',"gap":true' if gap else b"")
-        return self.answers[key]
+            return b'{"%s":[%s],"cursor":%d%s}' % (self.key.encode(), listed, cursor, b',"gap":true' if gap else b"")
+        return remembered(self.answers, (items[0]["id"] if items else None, cursor, gap), encode)
+
+
+def remembered(cache, key, work):
+    """cache[key], worked out by work() the first time it is asked for. At 64
+    entries the cache starts over: clients asking with every cursor there is cannot grow it."""
+    if key not in cache:
+        if len(cache) >= 64:
+            cache.clear()
+        cache[key] = work()
+    return cache[key]
+
+
+def fitting(encoded):
+    """How many of these items' JSON, taken in order, fit in one answer (one at least)."""
+    fit = size = 0
+    for item_json in encoded:
+        size += len(item_json) + 1
+        if size > MAX_ANSWER_BYTES and fit:
+            break
+        fit += 1
+    return fit
 
 
 # Every stream: its name (its /NAME/updates and its row in /status), the key of its
@@ -350,33 +354,23 @@ def past_messages():
     checks.no_store()
     bottle.response.content_type = "application/json"
     chat = streams["chat"]
-    answers = chat.past     # taken before the store is read: a publish meanwhile replaces it
-    key = (before, int(limit))
-    if key not in answers:
-        try:
-            past, more = store.page(chat.key, before, int(limit))
-        except storage.StoreError:
-            checks.fail(503, "the server cannot read its messages right now; try again shortly", Retry_After="10")
-        if len(answers) >= 64:
-            answers.clear()         # clients asking with every cursor there is cannot grow it
-        answers[key] = past_answer(past, more)
     # The same bytes for every client that asks the same since the last publish:
-    # a thousand readers that never read cost one copy, not a thousand.
-    return answers[key]
+    # a thousand readers that never read cost one copy, not a thousand. (The
+    # cache is taken before the store is read: a publish meanwhile replaces it.)
+    key = (before, int(limit))
+    try:
+        return remembered(chat.past, key, lambda: past_answer(*store.page(chat.key, *key)))
+    except storage.StoreError:
+        checks.fail(503, "the server cannot read its messages right now; try again shortly", Retry_After="10")
 
 
 def past_answer(past, more):
     """A page of the past as an answer of at most MAX_ANSWER_BYTES: the newest of
     it that fit (one at least), and "more" when older ones are left out."""
-    encoded, size = [], 0
-    for item in reversed(past):
-        item_json = checks.json_bytes(item)
-        size += len(item_json) + 1
-        if size > MAX_ANSWER_BYTES and encoded:
-            more = True
-            break
-        encoded.append(item_json)
-    return b'{"messages":[%s],"more":%s}' % (b",".join(reversed(encoded)), b"true" if more else b"false")
+    newest_first = [checks.json_bytes(item) for item in reversed(past)]
+    fit = fitting(newest_first)
+    more = more or fit < len(past)
+    return b'{"messages":[%s],"more":%s}' % (b",".join(reversed(newest_first[:fit])), b"true" if more else b"false")
 
 
 # -- Who is here ---------------------------------------------------------------
