@@ -238,7 +238,10 @@ class Protocol(eventlet.wsgi.HttpProtocol):
             if "_" in name:
                 continue        # as eventlet: an X_Forwarded_For must not pass for X-Forwarded-For
             key = name.upper().replace("-", "_")
-            environ[key if key in ("CONTENT_TYPE", "CONTENT_LENGTH") else "HTTP_" + key] = ",".join(values)
+            if key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+                environ[key] = values[0]        # as eventlet: the first (a second Content-Length was refused above)
+            else:
+                environ["HTTP_" + key] = ",".join(values)
         continues = environ.get("HTTP_EXPECT", "").lower() == "100-continue"
         environ["wsgi.input"] = environ["eventlet.input"] = eventlet.wsgi.Input(
             self.rfile, environ.get("CONTENT_LENGTH", "0"), self.connection,
@@ -327,7 +330,8 @@ class Protocol(eventlet.wsgi.HttpProtocol):
         self.url += url
 
     def on_header(self, name, value):
-        self.headers.setdefault(name.decode("iso-8859-1").lower(), []).append(value.decode("iso-8859-1"))
+        # llhttp keeps the spaces and tabs that may end a value: "localhost " is localhost.
+        self.headers.setdefault(name.decode("iso-8859-1").lower(), []).append(value.decode("iso-8859-1").rstrip(" \t"))
 
     def send_error(self, code, message=None, explain=None):
         # Every refusal before the app is JSON too, and ends the connection:
