@@ -35,7 +35,7 @@ def fail(status, message, **headers):
     if headers.pop("Connection", None) == "close":
         # eventlet heeds its own flag, not an app's header: set, it says
         # Connection: close itself, and reads neither the rest of a body nor another request.
-        bottle.request.environ["longpoll.close"]()
+        bottle.request.environ["longpoll.connection"].close_after_answer()
     raise bottle.HTTPError(status, message, **headers)
 
 
@@ -67,7 +67,7 @@ def request_begins(settings):
     # A request without a body has been read whole: --client-timeout is over
     # for it (a parked poll is not a slow request). read_body() ends it for the others.
     if int(environ.get("CONTENT_LENGTH") or 0) == 0:
-        environ["longpoll.request_read"]()
+        environ["longpoll.connection"].request_read()
     elif environ["REQUEST_METHOD"] in ("GET", "HEAD"):
         # A body means nothing on a GET, yet while unread the request is not
         # over: read and dropped now, so that a poll does not park with its deadline on.
@@ -169,7 +169,8 @@ def client_address(settings):
     if addr not in settings.trusted_proxy:
         # Worked out once for the connection (Protocol.handle()): with more
         # clients than address_key() caches, it would be made afresh on every request.
-        return environ.get("longpoll.address") or address_key(addr)
+        connection = environ.get("longpoll.connection")     # absent only in tests that bind an environ
+        return connection.address if connection else address_key(addr)
     hops = [h.strip() for h in environ.get("HTTP_X_FORWARDED_FOR", "").split(",")]
     # The rightmost hop no trusted proxy added.
     addr = next((h for h in reversed(hops) if h and h not in settings.trusted_proxy), addr)
@@ -228,7 +229,7 @@ def read_body(settings, limit):
         raw = body.read(max(0, req.content_length))
     except SlowRequest:
         fail(408, f"the request body took longer than {settings.client_timeout:g} s", Connection="close")
-    req.environ["longpoll.request_read"]()
+    req.environ["longpoll.connection"].request_read()
     return raw
 
 

@@ -193,8 +193,8 @@ class Protocol(eventlet.wsgi.HttpProtocol):
                 abort(self.connection)
         finally:
             self.deadline.cancel()
-            # The environ is in cycles (with Bottle's request, this protocol's
-            # close_after_answer()): emptied, each request is freed by reference counting,
+            # The environ is in cycles (with Bottle's request, and this protocol
+            # it holds): emptied, each request is freed by reference counting,
             # not left to a full garbage collection over every parked client.
             vars(self).pop("environ", {}).clear()
 
@@ -230,9 +230,7 @@ class Protocol(eventlet.wsgi.HttpProtocol):
             "SERVER_PROTOCOL": self.request_version, "REMOTE_ADDR": self.client_address[0],
             "SERVER_NAME": self.server.address[0], "SERVER_PORT": str(self.server.address[1]),
             "eventlet.posthooks": (),       # nothing here adds one: one list less a parked poll keeps
-            "longpoll.request_read": self.deadline.cancel,
-            "longpoll.close": self.close_after_answer,
-            "longpoll.address": self.address,
+            "longpoll.connection": self,    # for checks.py: address, request_read(), close_after_answer()
         }
         for name, values in self.headers.items():
             if "_" in name:
@@ -248,8 +246,12 @@ class Protocol(eventlet.wsgi.HttpProtocol):
             wfile=self.wfile if continues else None, wfile_line=b"HTTP/1.1 100 Continue\r\n" if continues else None)
         return environ
 
+    def request_read(self):
+        """The request is read whole (checks.py says when): its deadline is over."""
+        self.deadline.cancel()
+
     def close_after_answer(self):
-        """environ["longpoll.close"], for checks.fail(..., Connection="close")."""
+        """For checks.fail(..., Connection="close")."""
         self.close_connection = 1
 
     def parse_request(self):

@@ -3193,7 +3193,7 @@ def in_process(monkeypatch):
     def ask(path, address="127.0.0.1"):
         route, _, query = path.partition("?")
         bottle.request.bind({"PATH_INFO": route, "QUERY_STRING": query, "REQUEST_METHOD": "GET",
-                             "REMOTE_ADDR": address, "longpoll.address": address})
+                             "REMOTE_ADDR": address})
         bottle.response.bind()
         handler, args = longpoll.app.router.match(bottle.request.environ)
         return handler.call(**args)
