@@ -218,7 +218,7 @@ class Protocol(eventlet.wsgi.HttpProtocol):
     def get_environ(self):
         # eventlet's, less what every request paid for and nothing here reads:
         # a getsockname() call, two exceptions raised and caught, a raw copy of
-        # the headers, a WebSocket hook. With Headers below, measured in turns:
+        # the headers, a WebSocket hook. With Headers, measured in turns:
         # 210 against 189 us of server CPU a poll answered at once; at 10,000
         # parked, 21.2 against 20.6 KB a client (bench.py; docs/performance.md).
         path, _, query = self.path.partition("?")
@@ -237,7 +237,7 @@ class Protocol(eventlet.wsgi.HttpProtocol):
                 continue        # as eventlet: an X_Forwarded_For must not pass for X-Forwarded-For
             key = name.upper().replace("-", "_")
             if key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
-                environ[key] = values[0]        # as eventlet: the first (a second Content-Length was refused above)
+                environ[key] = values[0]        # as eventlet: the first (parse_request() refused a second Content-Length)
             else:
                 environ["HTTP_" + key] = ",".join(values)
         continues = environ.get("HTTP_EXPECT", "").lower() == "100-continue"
