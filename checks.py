@@ -169,8 +169,7 @@ def client_address(settings):
     if addr not in settings.trusted_proxy:
         # Worked out once for the connection (Protocol.handle()): with more
         # clients than address_key() caches, it would be made afresh on every request.
-        connection = environ.get("longpoll.connection")     # absent only in tests that bind an environ
-        return connection.address if connection else address_key(addr)
+        return environ["longpoll.connection"].address
     hops = [h.strip() for h in environ.get("HTTP_X_FORWARDED_FOR", "").split(",")]
     # The rightmost hop no trusted proxy added.
     addr = next((h for h in reversed(hops) if h and h not in settings.trusted_proxy), addr)

@@ -22,6 +22,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import bottle
@@ -3193,7 +3194,9 @@ def in_process(monkeypatch):
     def ask(path, address="127.0.0.1"):
         route, _, query = path.partition("?")
         bottle.request.bind({"PATH_INFO": route, "QUERY_STRING": query, "REQUEST_METHOD": "GET",
-                             "REMOTE_ADDR": address})
+                             "REMOTE_ADDR": address,
+                             # What the front door hands a request: here, only the address it counts.
+                             "longpoll.connection": types.SimpleNamespace(address=address)})
         bottle.response.bind()
         handler, args = longpoll.app.router.match(bottle.request.environ)
         return handler.call(**args)
