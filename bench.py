@@ -45,7 +45,7 @@ TICKS = os.sysconf("SC_CLK_TCK")
 class App:
     """longpoll.py in its own process."""
 
-    def __init__(self, *flags, db=None, script=None, wake_slice=None):
+    def __init__(self, *flags, db=None, script=None, tuning=None):
         self.folder = tempfile.TemporaryDirectory(prefix="longpoll-bench-")
         if script:                  # one of examples/, which takes --port and --poll-timeout
             command = [str(HERE / "examples" / script), *flags]
@@ -55,9 +55,10 @@ class App:
             # As by default, a database file (in a folder of its own), unless db=":memory:".
             flags += ("--db", db or os.path.join(self.folder.name, "longpoll.db"))
             command = [str(HERE / "longpoll.py"), *flags]
-            if wake_slice:          # polls a publish wakes per turn of the hub, for --wake-slice
-                command = ["-c", "import sys, longpoll, wakeup; wakeup.WAKE_SLICE = int(sys.argv.pop(1)); "
-                                 "longpoll.main(sys.argv[1:])", str(wake_slice), *flags]
+            if tuning:              # (name, value) of wakeup.py, for --wake-slice and --answer-rate
+                command = ["-c", "import sys, longpoll, wakeup; name, value = sys.argv.pop(1), sys.argv.pop(1); "
+                                 "setattr(wakeup, name, type(getattr(wakeup, name))(value)); "
+                                 "longpoll.main(sys.argv[1:])", *map(str, tuning), *flags]
         self.proc = subprocess.Popen(
             [sys.executable, *command, *(() if "--port" in flags else ("--port", "0"))],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
@@ -580,12 +581,12 @@ def in_turns(servers, sizes, rounds, measure, line):
     return done
 
 
-def busy_rooms(sizes, rounds, rate, posters, seconds, generators, compare, slices, json_file):
-    """The busy room on longpoll.py (with each WAKE_SLICE asked for) and, with
-    compare, on the servers of examples/: each round a fresh process of each, in turn."""
+def busy_rooms(sizes, rounds, rate, posters, seconds, generators, compare, tunings, json_file):
+    """The busy room on longpoll.py (once with each (name, value) of wakeup.py asked
+    for) and, with compare, on the servers of examples/: each round a fresh process of each, in turn."""
     flags = ("--poll-timeout", "120", "--post-rate", "1000000", "--post-burst", "1000000")
-    servers = [(f"longpoll.py, {k} polls woken a turn" if k else "longpoll.py",
-                {"flags": flags, "db": ":memory:", "wake_slice": k}) for k in slices or [None]]
+    servers = [(f"longpoll.py, {t[0]} {t[1]:g}" if t else "longpoll.py",
+                {"flags": flags, "db": ":memory:", "tuning": t}) for t in tunings or [None]]
     if compare:
         servers += compared_servers()[1:]
     done = in_turns(servers, sizes, rounds, lambda app, n: busy(app, n, rate, posters, seconds, generators),
@@ -718,9 +719,12 @@ def main():
     p.add_argument("--generators", type=int, default=min(8, os.cpu_count()),
                    help="processes of the busy room's load generator, each with a slice of the clients "
                         "(default: the cores, 8 at most)")
-    p.add_argument("--wake-slice", type=int, nargs="+", metavar="K",
+    p.add_argument("--wake-slice", type=int, nargs="+", metavar="K", default=[],
                    help="with --busy: longpoll.py once with each WAKE_SLICE K (polls a publish wakes per turn "
                         "of the hub), in turns")
+    p.add_argument("--answer-rate", type=float, nargs="+", metavar="R", default=[],
+                   help="with --busy: longpoll.py once with each ANSWER_RATE R (answers a second the polls "
+                        "share under load; inf: none held), in turns")
     p.add_argument("--presence", type=int, nargs="?", const=10000, metavar="N",
                    help="instead of the above: what presence costs per parked poll (N chat polls without and "
                         "with browser ids), and N browsers joining at once while N watch (default: 10000)")
@@ -744,7 +748,10 @@ def main():
                          "(ulimit -Hn); ask for fewer")
     if args.busy is not None:
         return busy_rooms(args.busy, args.rounds, args.rate, args.posters, args.seconds, args.generators,
-                          args.compare is not None, args.wake_slice, args.json)
+                          args.compare is not None,
+                          [("WAKE_SLICE", k) for k in args.wake_slice]
+                          + [("ANSWER_RATE", r) for r in args.answer_rate],
+                          args.json)
     if args.compare is not None:
         return compare(args.compare, args.rounds, args.json)
     if args.presence is not None:

@@ -140,6 +140,7 @@ class Protocol(eventlet.wsgi.HttpProtocol):
 
     settings = None
     pause = None
+    answered_at = 0.0       # when a poll on this connection was last answered (the app's wakeup.pace())
 
     # Each connection keeps its read buffer for its whole life (eventlet's
     # default is 8 KB); requests here are small, and a small buffer holds more

@@ -14,7 +14,7 @@ poller, push from WebSub hubs, status and pages, main(). main() builds each
 part and hands it what it needs; no part imports this file:
   frontdoor.py  eventlet's HTTP server, hardened against hostile clients
   checks.py     the checks every route shares: errors, addresses, bodies, limits
-  flags.py      the command line        wakeup.py    the Event, sent a slice at a time
+  flags.py      the command line        wakeup.py    the Event, sent a slice at a time; pacing
   presence.py   who is here             websub.py    push from WebSub hubs
   feedtext.py   a feed fetched, made plain text          metrics.py   GET /metrics
   storage.py    the store contract; the store of one process (SQLite)
@@ -283,12 +283,19 @@ parking = checks.Parking()  # polls parked now, per address; main() sets how man
 
 def updates(stream, cursor):
     """A poll: parked (and counted) until the stream has news for cursor or the timeout, then answered."""
+    connection = bottle.request.environ["longpoll.connection"]
+    deadline = time.monotonic() + settings.poll_timeout
     with parking.parked(settings):
-        items, cursor, gap = stream.wait(cursor, settings.poll_timeout)
+        items, after, gap = stream.wait(cursor, settings.poll_timeout)
+        # Under load, news for a client answered a moment ago is held (wakeup.pace()),
+        # and what comes meanwhile joins the same answer.
+        if items and wakeup.pace(connection, parking.total, deadline):
+            items, after, gap = stream.since(cursor)
+    connection.answered_at = time.monotonic()
     metrics.answered(stream.key, gap)
     checks.no_store()
     bottle.response.content_type = "application/json"
-    return stream.answer(items, cursor, gap)
+    return stream.answer(items, after, gap)
 
 
 # Not through Bottle's JSON plugin: the answer is JSON already, and one call less

@@ -183,32 +183,41 @@ def test_polls_are_woken_oldest_wave_first_whatever_their_stream():
     assert order.index("small") == len(order) - 1
 
 
-def test_a_request_arriving_during_a_wave_is_read_before_the_wave_ends():
-    # The hub reads its sockets only between passes of its timers: had the whole
-    # wave been woken in one pass, a POST arriving meanwhile would wait it out.
-    stream = memory_stream(10)
+def place_of_a_request_among(wait, start):
+    """3 × WAKE_SLICE green threads each wait(); start() sets them going, and the
+    first one done sends a request on a socket. How many were done before it was read."""
     order = []
     ours, theirs = socket.socketpair()
 
-    def poll():
-        stream.wait(0, 30)
+    def waiter():
+        wait()
         if not order:
-            theirs.sendall(b"POST")         # the first poll woken: a request comes in now
-        order.append("answered")
+            theirs.sendall(b"POST")         # the first one done: a request comes in now
+        order.append("done")
 
     def reader():
         ours.recv(4)
         order.append("request read")
-    polls = [eventlet.spawn(poll) for _ in range(3 * wakeup.WAKE_SLICE)]
+    waiters = [eventlet.spawn(waiter) for _ in range(3 * wakeup.WAKE_SLICE)]
     reading = eventlet.spawn(reader)
-    eventlet.sleep(0)
-    stream.publish({"body": "hello"})
+    start()
     with eventlet.Timeout(5):
-        for p in polls + [reading]:
-            p.wait()
+        for g in waiters + [reading]:
+            g.wait()
     ours.close()
     theirs.close()
-    assert order.index("request read") <= wakeup.WAKE_SLICE     # after the first slice at the latest
+    return order.index("request read")
+
+
+def test_a_request_arriving_during_a_wave_is_read_before_the_wave_ends():
+    # The hub reads its sockets only between passes of its timers: had the whole
+    # wave been woken in one pass, a POST arriving meanwhile would wait it out.
+    stream = memory_stream(10)
+
+    def publish():
+        eventlet.sleep(0)                   # every poll parked
+        stream.publish({"body": "hello"})
+    assert place_of_a_request_among(lambda: stream.wait(0, 30), publish) <= wakeup.WAKE_SLICE
 
 
 def test_only_a_publish_marks_a_green_thread_woken_and_pausing_clears_the_mark():
@@ -284,6 +293,48 @@ def test_a_wave_writes_every_answer_before_its_polls_go_back_to_reading_and_no_o
     assert len(answered) == len(reading) == len(polls)
     assert max(answered) < min(reading)
     assert order.index("poster reads") < max(answered)      # read between the wave's slices
+
+
+def chat_poll(in_process, cursor, connection):
+    return eventlet.spawn(lambda: json.loads(in_process(f"/chat/updates?cursor={cursor}", connection=connection)))
+
+
+def test_a_client_answered_a_moment_ago_is_held_and_gets_what_came_meanwhile_in_one_answer(in_process, monkeypatch):
+    # Paced (wakeup.pace()): two polls here, at two answers a second, are held up to 1 s.
+    monkeypatch.setattr(wakeup, "ANSWER_RATE", 2.0)
+    chat = longpoll.streams["chat"]
+    chat.publish({"nick": "a", "body": "one"})
+    answered, fresh = (types.SimpleNamespace(address="127.0.0.1", answered_at=0.0) for _ in range(2))
+    first = chat_poll(in_process, 0, answered).wait()
+    assert [m["body"] for m in first["messages"]] == ["one"]
+    held, parked = chat_poll(in_process, first["cursor"], answered), chat_poll(in_process, first["cursor"], fresh)
+    chat.publish({"nick": "a", "body": "two"})
+    with eventlet.Timeout(5):
+        assert [m["body"] for m in parked.wait()["messages"]] == ["two"]
+        assert not held.dead                # not in the wave that answered the other
+        chat.publish({"nick": "a", "body": "three"})
+        assert [m["body"] for m in held.wait()["messages"]] == ["two", "three"]
+
+
+def test_held_polls_that_fall_due_together_let_a_request_in_between_slices(monkeypatch):
+    # The polls a wave answered are held till the same moment: woken straight
+    # from their timers, all in one pass of the hub, they kept a POST waiting.
+    monkeypatch.setattr(wakeup, "ANSWER_RATE", 1000.0)
+    connection = types.SimpleNamespace(answered_at=time.monotonic())
+    deadline = time.monotonic() + 5
+    # Each held till 0.05 s after that answer (50 polls at 1,000 answers a second).
+    assert place_of_a_request_among(lambda: wakeup.pace(connection, 50, deadline), lambda: None) <= wakeup.WAKE_SLICE
+
+
+def test_a_held_poll_is_still_answered_within_the_poll_timeout(in_process, monkeypatch):
+    monkeypatch.setattr(wakeup, "ANSWER_RATE", 0.001)          # a hold of 1,000 s a poll
+    monkeypatch.setattr(longpoll.settings, "poll_timeout", 0.2)
+    chat = longpoll.streams["chat"]
+    cursor = chat.last_id
+    chat.publish({"nick": "a", "body": "news"})
+    connection = types.SimpleNamespace(address="127.0.0.1", answered_at=time.monotonic())
+    with eventlet.Timeout(5):
+        assert [m["body"] for m in chat_poll(in_process, cursor, connection).wait()["messages"]] == ["news"]
 
 
 def test_wait_times_out_empty_at_the_same_cursor():
@@ -3191,12 +3242,14 @@ def in_process(monkeypatch):
     monkeypatch.setattr(longpoll, "streams", longpoll.open_streams(store, 200))
     monkeypatch.setattr(longpoll, "here", presence.Presence(longpoll.settings, store, longpoll.streams["presence"]))
 
-    def ask(path, address="127.0.0.1"):
+    def ask(path, address="127.0.0.1", connection=None):
         route, _, query = path.partition("?")
         bottle.request.bind({"PATH_INFO": route, "QUERY_STRING": query, "REQUEST_METHOD": "GET",
                              "REMOTE_ADDR": address,
-                             # What the front door hands a request: here, only the address it counts.
-                             "longpoll.connection": types.SimpleNamespace(address=address)})
+                             # What the front door hands a request: here, the address it counts
+                             # and when a poll was last answered, by default on a fresh connection.
+                             "longpoll.connection": connection or types.SimpleNamespace(address=address,
+                                                                                        answered_at=0.0)})
         bottle.response.bind()
         handler, args = longpoll.app.router.match(bottle.request.environ)
         return handler.call(**args)

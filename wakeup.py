@@ -2,8 +2,9 @@
 
 Stream.add() sends one Wakeup per publish; this is how its waiters are woken
 without the hub going deaf to its sockets during a fan-out. pause() is what
-the front door does between two requests of a connection. It uses eventlet
-and metrics (the fan-out's duration), nothing of the app."""
+the front door does between two requests of a connection, and pace() what a
+poll that has news does before it is answered. It uses eventlet and metrics (the
+fan-out's duration), nothing of the app."""
 
 import collections
 import contextvars
@@ -18,6 +19,11 @@ import metrics
 # its sockets again (Wakeup.wake_slice()): parked polls to wake, and the woken
 # ones' returns to reading (pause()). Measured in bench.py --busy: see docs/performance.md.
 WAKE_SLICE = 50
+
+# Answers a second that all the polls share (pace()): about 0.7 of a core where
+# an answer costs 200 us, as on the benchmark's box. Measured in bench.py --busy
+# --answer-rate: see docs/performance.md.
+ANSWER_RATE = 3500.0
 
 woken = contextvars.ContextVar("woken", default=False)     # in a green thread a publish woke, till pause()
 
@@ -128,3 +134,38 @@ def pause():
 def resume(paused):
     if not paused.dead:
         paused.switch()
+
+
+def pace(connection, polls, deadline):
+    """Hold a poll that has news, until its connection's last answer is polls /
+    ANSWER_RATE seconds old (till the poll's deadline at most): the seconds held.
+    connection.answered_at is when that was; the caller sets it.
+
+    Why: in a busy room every client re-polls the moment it is answered, and an
+    answer costs about the same with one message or five. Unheld, the server
+    answered as often as its core let it, 3 messages an answer, and the core
+    was never free. Held, each connection gets its share of ANSWER_RATE, and
+    what comes meanwhile joins its next answer: 3,000 clients re-polling,
+    5 posts a second, 2 cores: 59 against 72 us of CPU a message (Tornado: 104),
+    delivery p99 0.85 against 0.84 s, POST p99 15 against 16 ms (bench.py
+    --busy; docs/performance.md). A quiet room does not notice: 20 polls are held 6 ms
+    at most, and only news that follows news that closely. A held poll wakes
+    through the queue, a slice a turn: the polls one wave answered fall due
+    together, and woken straight from their timers they kept a POST waiting
+    (p99 150 ms)."""
+    now = time.monotonic()
+    held = min(connection.answered_at + polls / ANSWER_RATE, deadline) - now
+    if held <= 0:
+        return 0
+    me, hub = eventlet.getcurrent(), eventlet.hubs.get_hub()
+    timer = hub.schedule_call_global(held, due, me)
+    try:
+        hub.switch()
+    finally:
+        timer.cancel()
+    return held
+
+
+def due(held):
+    Wakeup.queue.append((resume, held))
+    Wakeup.drain()
