@@ -287,8 +287,8 @@ def updates(stream, cursor):
     deadline = time.monotonic() + settings.poll_timeout
     with parking.parked(settings):
         items, after, gap = stream.wait(cursor, settings.poll_timeout)
-        # Under load, news for a client answered a moment ago is held (wakeup.pace()),
-        # and what comes meanwhile joins the same answer.
+        # A busy room's answers carry little: news for a client answered a moment
+        # ago is held (wakeup.pace()), and what comes meanwhile joins the same answer.
         if items and wakeup.pace(connection, parking.total, deadline):
             items, after, gap = stream.since(cursor)
     connection.answered_at = time.monotonic()

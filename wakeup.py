@@ -141,8 +141,8 @@ def pace(connection, polls, deadline):
     ANSWER_RATE seconds old (till the poll's deadline at most): the seconds held.
     connection.answered_at is when that was; the caller sets it.
 
-    Why: in a busy room every client re-polls the moment it is answered, and an
-    answer costs about the same with one message or five. Unheld, the server
+    Why: a busy room's answers carry little. Every client re-polls the moment
+    it is answered, and an answer costs about the same with one message or five. Unheld, the server
     answered as often as its core let it, 3 messages an answer, and the core
     was never free. Held, each connection gets its share of ANSWER_RATE, and
     what comes meanwhile joins its next answer: 3,000 clients re-polling,
