@@ -2472,8 +2472,10 @@ def test_on_redis_a_poll_on_an_id_on_its_way_is_not_answered_by_what_comes_befor
     a, b = on_redis(), on_redis()
     let_reader_go = hold_reader(b)
     seen = [a.publish({"body": n})[0][0] for n in ("first", "second")]
+    looked, _ = after_call(b, "since")
     poll = eventlet.spawn(b.wait, seen[-1]["id"], 30)
-    eventlet.sleep(0)
+    with eventlet.Timeout(10):
+        looked.wait()                   # it has looked (a round trip to Redis), and parks before we go on
     assert b.waiting == 1
     looked, _ = after_call(b, "since")
     let_reader_go.send()
