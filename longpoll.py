@@ -290,7 +290,11 @@ def updates(stream, cursor):
         # A busy room's answers carry little: news for a client answered a moment
         # ago is held (wakeup.pace()), and what comes meanwhile joins the same answer.
         if items and wakeup.pace(connection, parking.total, deadline):
-            items, after, gap = stream.since(cursor)
+            # Asked again from the same first item (unless the history has let it
+            # go meanwhile: then what was found before the hold is the answer).
+            more, newest, dropped = stream.since(items[0]["id"] - 1)
+            if not dropped:
+                items, after = more, newest
     connection.answered_at = time.monotonic()
     metrics.answered(stream.key, gap)
     checks.no_store()
@@ -683,10 +687,11 @@ def main(argv=None):
     print(f"longpoll: serving on http://{host}:{port}/ (chat) and http://{host}:{port}/feed", flush=True)
     eventlet.hubs.trampoline(wake_r, read=True)
     signal.signal(signal.SIGINT, signal.SIG_DFL)    # a second Ctrl-C leaves at once
-    # Answer every parked poll at once so browsers come back (to the next
+    # Answer every parked and held poll at once so browsers come back (to the next
     # server) promptly; then let the server finish what it is writing.
     for stream in streams.values():
         stream.close()
+    wakeup.release()
     server.kill(SystemExit)
     with eventlet.Timeout(3, False):
         server.wait()

@@ -333,8 +333,59 @@ def test_a_held_poll_is_still_answered_within_the_poll_timeout(in_process, monke
     cursor = chat.last_id
     chat.publish({"nick": "a", "body": "news"})
     connection = types.SimpleNamespace(address="127.0.0.1", answered_at=time.monotonic())
-    with eventlet.Timeout(5):
+    with eventlet.Timeout(1.5):             # the timeout, and a margin for a slow box
         assert [m["body"] for m in chat_poll(in_process, cursor, connection).wait()["messages"]] == ["news"]
+
+
+def held_poll(in_process, monkeypatch, cursor):
+    """A chat poll from cursor on a connection answered a moment ago, spawned and
+    held (for 100 s: the test ends the hold), with the polls' timeout far off."""
+    monkeypatch.setattr(wakeup, "ANSWER_RATE", 0.01)
+    monkeypatch.setattr(longpoll.settings, "poll_timeout", 300)
+    poll = chat_poll(in_process, cursor, types.SimpleNamespace(address="127.0.0.1", answered_at=time.monotonic()))
+    eventlet.sleep(0)                       # it looks, finds news, and is held
+    assert poll in wakeup.holding
+    return poll
+
+
+def test_shutdown_ends_every_hold_and_answers_with_what_came_meanwhile(in_process, monkeypatch):
+    chat = longpoll.streams["chat"]
+    cursor = chat.last_id
+    chat.publish({"nick": "a", "body": "one"})
+    poll = held_poll(in_process, monkeypatch, cursor)
+    chat.publish({"nick": "a", "body": "two"})
+    wakeup.release()                        # what main() does after closing the streams
+    with eventlet.Timeout(5):               # unreleased, it would sit out its 100 s
+        assert [m["body"] for m in poll.wait()["messages"]] == ["one", "two"]
+    assert poll not in wakeup.holding
+
+
+def test_a_held_poll_from_a_cursor_never_issued_still_gets_the_history_and_a_cursor_this_server_knows(
+        in_process, monkeypatch):
+    # Looked at again with that cursor, once posts during the hold had passed
+    # it, it would have been answered with nothing and its own cursor back.
+    chat = longpoll.streams["chat"]
+    chat.publish({"nick": "a", "body": "one"}, {"nick": "a", "body": "two"})
+    poll = held_poll(in_process, monkeypatch, chat.last_id + 2)
+    chat.publish({"nick": "a", "body": "three"}, {"nick": "a", "body": "four"})
+    wakeup.release()
+    with eventlet.Timeout(5):
+        answer = poll.wait()
+    assert [m["body"] for m in answer["messages"]] == ["one", "two", "three", "four"]
+    assert answer["cursor"] == chat.last_id and "gap" not in answer
+
+
+def test_a_held_poll_whose_news_leaves_the_history_meanwhile_is_answered_with_it_and_no_gap(
+        in_process, monkeypatch):
+    chat = longpoll.streams["chat"]
+    cursor = chat.last_id
+    [first], _ = chat.publish({"nick": "a", "body": "one"})
+    poll = held_poll(in_process, monkeypatch, cursor)
+    chat.publish(*({"nick": "a", "body": f"more {i}"} for i in range(chat.items.maxlen)))   # "one" leaves
+    wakeup.release()
+    with eventlet.Timeout(5):
+        answer = poll.wait()
+    assert answer == {"messages": [json.loads(checks.json_bytes(first))], "cursor": first["id"]}
 
 
 def test_wait_times_out_empty_at_the_same_cursor():

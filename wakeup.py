@@ -158,14 +158,28 @@ def pace(connection, polls, deadline):
     if held <= 0:
         return 0
     me, hub = eventlet.getcurrent(), eventlet.hubs.get_hub()
-    timer = hub.schedule_call_global(held, due, me)
+    holding[me] = hub.schedule_call_global(held, due, me)
     try:
         hub.switch()
     finally:
-        timer.cancel()
+        timer = holding.pop(me, None)       # still there if an error ended the hold
+        if timer is not None:
+            timer.cancel()
     return held
 
 
+holding = {}    # the green threads pace() holds now -> the timer that ends the hold
+
+
 def due(held):
-    Wakeup.queue.append((resume, held))
-    Wakeup.drain()
+    # Out of holding as it joins the queue: release() must not queue it twice.
+    if holding.pop(held, None) is not None:
+        Wakeup.queue.append((resume, held))
+        Wakeup.drain()
+
+
+def release():
+    """End every hold now (at shutdown, when every poll is answered at once)."""
+    for held, timer in list(holding.items()):
+        timer.cancel()
+        due(held)
