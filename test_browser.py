@@ -1122,6 +1122,9 @@ def test_chat_through_the_readme_deployment_while_a_process_dies(start, open_pag
     victim = max(apps, key=lambda app: app.status()["waiting"])
     victim.proc.kill()
     send(bob, "two")
+    # Stored before the next is sent: a POST that met the killed process is retried
+    # (after 0.5-1 s), and a later one could be given the smaller id meanwhile.
+    expect(bob.locator("#messages .text")).to_have_text(["one", "two"], timeout=10000)
     send(alice, "three")
     for page in (alice, bob):
         expect(page.locator("#messages .text")).to_have_text(["one", "two", "three"], timeout=10000)
