@@ -146,9 +146,9 @@ def pace(connection, polls, deadline):
     answered as often as its core let it, 3 messages an answer, and the core
     was never free. Held, each connection gets its share of ANSWER_RATE, and
     what comes meanwhile joins its next answer: 3,000 clients re-polling,
-    5 posts a second, 2 cores: 59 against 72 us of CPU a message (Tornado: 104),
-    delivery p99 0.85 against 0.84 s, POST p99 15 against 16 ms (bench.py
-    --busy; docs/performance.md). A quiet room does not notice: 20 polls are held 6 ms
+    5 posts a second, 2 cores: 59-63 against 72 us of CPU a message (Tornado:
+    104), delivery p99 0.85-0.95 against 0.78-0.84 s, POST p99 15-16 against
+    16-17 ms (two sittings of bench.py --busy; docs/performance.md). A quiet room does not notice: 20 polls are held 6 ms
     at most, and only news that follows news that closely. A held poll wakes
     through the queue, a slice a turn: the polls one wave answered fall due
     together, and woken straight from their timers they kept a POST waiting
