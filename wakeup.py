@@ -26,6 +26,7 @@ WAKE_SLICE = 50
 ANSWER_RATE = 3500.0
 
 woken = contextvars.ContextVar("woken", default=False)     # in a green thread a publish woke, till pause()
+holding = {}    # the green threads pace() holds now -> the timer that ends the hold
 
 
 class Wakeup:
@@ -142,13 +143,14 @@ def pace(connection, polls, deadline):
     connection.answered_at is when that was; the caller sets it.
 
     Why: a busy room's answers carry little. Every client re-polls the moment
-    it is answered, and an answer costs about the same with one message or five. Unheld, the server
-    answered as often as its core let it, 3 messages an answer, and the core
-    was never free. Held, each connection gets its share of ANSWER_RATE, and
-    what comes meanwhile joins its next answer: 3,000 clients re-polling,
-    5 posts a second, 2 cores: 59-63 against 72 us of CPU a message (Tornado:
-    104), delivery p99 0.85-0.95 against 0.78-0.84 s, POST p99 15-16 against
-    16-17 ms (two sittings of bench.py --busy; docs/performance.md). A quiet room does not notice: 20 polls are held 6 ms
+    it is answered, and an answer costs about the same with one message or
+    five. Unheld, the server answered as often as its core let it, 3 messages
+    an answer, and the core was never free. Held, each connection gets its
+    share of ANSWER_RATE, and what comes meanwhile joins its next answer:
+    3,000 clients re-polling, 5 posts a second, 2 cores: 59-63 against 72 us
+    of CPU a message (Tornado: 104), delivery p99 0.85-0.95 against 0.78-0.84 s,
+    POST p99 15-16 against 16-17 ms (two sittings of bench.py --busy;
+    docs/performance.md). A quiet room does not notice: 20 polls are held 6 ms
     at most, and only news that follows news that closely. A held poll wakes
     through the queue, a slice a turn: the polls one wave answered fall due
     together, and woken straight from their timers they kept a POST waiting
@@ -166,9 +168,6 @@ def pace(connection, polls, deadline):
         if timer is not None:
             timer.cancel()
     return held
-
-
-holding = {}    # the green threads pace() holds now -> the timer that ends the hold
 
 
 def due(held):
