@@ -127,9 +127,14 @@ def pause():
     if not woken.get():
         return eventlet.sleep(0)
     woken.set(False)
-    Wakeup.queue.append((resume, eventlet.getcurrent()))
-    Wakeup.drain()
+    rejoin(eventlet.getcurrent())
     eventlet.hubs.get_hub().switch()
+
+
+def rejoin(green):
+    """Put a green thread that has switched to the hub at the back of the queue: resumed in its turn."""
+    Wakeup.queue.append((resume, green))
+    Wakeup.drain()
 
 
 def resume(paused):
@@ -173,8 +178,7 @@ def pace(connection, polls, deadline):
 def due(held):
     # Out of holding as it joins the queue: release() must not queue it twice.
     if holding.pop(held, None) is not None:
-        Wakeup.queue.append((resume, held))
-        Wakeup.drain()
+        rejoin(held)
 
 
 def release():
